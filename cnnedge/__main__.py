@@ -1,0 +1,6 @@
+"""`python -m cnnedge` (also what torchrun launches: `torchrun ... -m cnnedge train`)."""
+
+from cnnedge.cli import main
+
+if __name__ == "__main__":
+    main()

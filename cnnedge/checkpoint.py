@@ -1,0 +1,66 @@
+"""cnnedge checkpoints: a plain dict of tensors and primitives, saved atomically, loaded with weights_only.
+
+A .pt file can be an attack (pickle runs code), so loading never unpickles arbitrary objects:
+`torch.load(weights_only=True)` refuses anything but tensors and builtin containers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnedge.atomic import atomic_write
+from cnnedge.errors import CnnedgeError
+from cnnedge.zoo import build_model
+
+FORMAT = "cnnedge.checkpoint"
+FORMAT_VERSION = 1
+MAX_CHECKPOINT_BYTES = 512 * 2**20  # refuse larger files before reading them
+REQUIRED_KEYS = ("arch", "num_classes", "class_names", "input_shape", "mean", "std", "preprocess", "state_dict")
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+    # Serialise to memory first so a failing torch.save never touches the destination.
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, buffer)
+    with atomic_write(path) as f:
+        f.write(buffer.getbuffer())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load and validate a cnnedge checkpoint; anything else is a CnnedgeError (exit code 2)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CnnedgeError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    if size > MAX_CHECKPOINT_BYTES:
+        raise CnnedgeError(f"{path}: {size:,} bytes is over the {MAX_CHECKPOINT_BYTES:,}-byte checkpoint limit")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refusals, truncated zips and plain garbage all land here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "refused: it contains pickled objects other than tensors (possibly malicious)"
+        raise CnnedgeError(f"{path}: not a cnnedge checkpoint ({reason[:200]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CnnedgeError(f"{path}: not a cnnedge checkpoint (no '{FORMAT}' header; is it a bare state_dict?)")
+    missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
+    if missing:
+        raise CnnedgeError(f"{path}: incomplete cnnedge checkpoint (missing {', '.join(missing)})")
+    if checkpoint.get("format_version", 0) > FORMAT_VERSION:
+        raise CnnedgeError(f"{path}: checkpoint format {checkpoint['format_version']} is newer than this cnnedge")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> nn.Sequential:
+    model = build_model(checkpoint["arch"], checkpoint["num_classes"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CnnedgeError(f"{path}: weights do not fit architecture {checkpoint['arch']!r} ({' '.join(first[:2])[:200]})") from None
+    return model.eval()

@@ -1,0 +1,132 @@
+"""The `cnnedge` command line. Thin glue: each command imports its module only when it runs,
+so `cnnedge predict` never loads torch and `cnnedge --help` starts instantly."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnnedge.errors import CnnedgeError, ExitCode
+
+app = typer.Typer(
+    name="cnnedge",
+    help="Train small CNNs, export them to verified ONNX, and run them fast on edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr and a documented exit code."""
+    try:
+        app()
+    except CnnedgeError as e:
+        _fail(str(e), e.code)
+    except KeyboardInterrupt:
+        _fail("interrupted", ExitCode.INTERRUPTED)
+    except Exception as e:  # a bug: still no traceback unless asked for
+        if os.environ.get("CNNEDGE_DEBUG", "") not in ("", "0"):
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (rerun with CNNEDGE_DEBUG=1 for the traceback)", ExitCode.INTERNAL)
+
+
+def _fail(message: str, code: int) -> None:
+    first_line = " ".join(message.split())  # one line, whatever the exception carried
+    print(f"error: {first_line}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+@app.command()
+def train(
+    arch: str = typer.Option("edgenet", help="Architecture from `cnnedge summary`."),
+    dataset: str = typer.Option("mnist", help="mnist, qmnist, fashion-mnist, kmnist, or imagefolder:PATH."),
+    data_dir: Optional[Path] = typer.Option(None, help="Dataset root [default: $CNNEDGE_DATA, else ~/.cache/cnnedge]."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs [default: the architecture's recipe]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: recipe]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (peak for one-cycle) [default: recipe]."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd, adam, adamw or rmsprop [default: recipe]."),
+    momentum: Optional[float] = typer.Option(None, help="Momentum for sgd and rmsprop [default: recipe]."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay [default: recipe]."),
+    schedule: Optional[str] = typer.Option(None, help="onecycle, cosine or constant [default: recipe]."),
+    loss: Optional[str] = typer.Option(None, help="cross-entropy or mse [default: recipe]."),
+    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing for cross-entropy [default: recipe]."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random affine and stroke width [default: recipe]."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    seed: int = typer.Option(0, help="Seed: the same seed on CPU gives the same metrics."),
+    val_fraction: float = typer.Option(0.05, help="Fraction of the training set held out for validation."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N training images (quick checks)."),
+    out: Path = typer.Option(Path("models/cnn.pt"), help="Checkpoint to write (with .metrics.json and plots beside it)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved at --out."),
+    download: bool = typer.Option(False, "--download", help="Download the dataset if missing (needs internet)."),
+    from_checkpoint: Optional[Path] = typer.Option(None, "--from", help="Fine-tune this checkpoint: new head for the dataset's classes."),
+    freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="With --from: train only the new head."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots of the curves and confusion matrix."),
+) -> None:
+    """Train a network and write a checkpoint, its metrics JSON and plots."""
+    from cnnedge.train import TrainConfig, run
+
+    hparams = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                   weight_decay=weight_decay, schedule=schedule, loss=loss, label_smoothing=label_smoothing,
+                   augment=augment)
+    run(TrainConfig(arch=arch, dataset=dataset, data_dir=str(data_dir) if data_dir else None, out=str(out),
+                    device=device, seed=seed, val_fraction=val_fraction, limit=limit, download=download, resume=resume,
+                    from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
+                    freeze_backbone=freeze_backbone, plots=plots, hparams=hparams))
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+@app.command()
+def summary(
+    arch: Optional[str] = typer.Option(None, help="Print this architecture's layer table."),
+    num_classes: int = typer.Option(10, help="Classes of the head (tables are documented for 10)."),
+) -> None:
+    """List the model zoo, or check one architecture's real module against its documented table."""
+    import math
+
+    from rich.table import Table
+
+    from cnnedge.report import console, layer_table
+    from cnnedge.zoo import ARCHS, check_layers, get_arch
+
+    if arch is None:
+        table = Table(title="cnnedge model zoo", title_justify="left")
+        for col, justify in (("arch", "left"), ("source", "left"), ("parameters", "right"), ("MACs", "right"), ("table", "left")):
+            table.add_column(col, justify=justify)
+        failed = False
+        for a in ARCHS.values():
+            rows = check_layers(a.build(num_classes), a, num_classes)
+            ok = all(r.ok for r in rows)
+            failed |= not ok
+            params = sum(r.measured.params for r in rows if r.measured)
+            macs = sum(r.measured.macs for r in rows if r.measured)
+            table.add_row(a.name, a.source, f"{params:,}", f"{macs:,}", "[green]ok[/]" if ok else "[red]MISMATCH[/]")
+        console.print(table)
+        if failed:
+            raise CnnedgeError("some networks disagree with their documented tables", ExitCode.CHECK_FAILED)
+        return
+
+    a = get_arch(arch)
+    rows = check_layers(a.build(num_classes), a, num_classes)
+    console.print(layer_table(rows, f"{a.name}: {a.description} [{a.source}]"))
+    params = sum(r.measured.params for r in rows if r.measured)
+    macs = sum(r.measured.macs for r in rows if r.measured)
+    activations = math.prod(a.input_shape) + sum(math.prod(r.measured.shape) for r in rows if r.measured)
+    line = f"total: {params:,} parameters, {macs:,} MACs per image, {activations:,} activations ({4 * activations / 2**20:.2f} MiB fp32) per image incl. input"
+    if a.input_memory is not None:
+        documented = a.input_memory + sum(r.documented.memory or 0 for r in rows if r.documented)
+        line += f"; documented activation total {documented:,}"
+    console.print(line)
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise CnnedgeError(f"{a.name}: {len(bad)} layer(s) disagree with the documented table: "
+                           + "; ".join(f"{r.name}: {', '.join(r.problems())}" for r in bad), ExitCode.CHECK_FAILED)

@@ -1,0 +1,178 @@
+"""Datasets as in-memory tensors: torchvision's MNIST family, or an ImageFolder tree of your own.
+
+The whole dataset is decoded once (torchvision reads the idx files straight into a uint8 tensor;
+ImageFolder images go through the same OpenCV preprocessing as predict), so the training loop
+only indexes tensors: no per-sample PIL, no DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cnnedge.errors import CnnedgeError
+
+# name -> (torchvision class, preprocessing mode that maps user images into its domain)
+DATASETS = {
+    "mnist": ("MNIST", "digit"),
+    "qmnist": ("QMNIST", "digit"),
+    "fashion-mnist": ("FashionMNIST", "fit"),
+    "kmnist": ("KMNIST", "digit"),
+}
+IMAGEFOLDER_PREFIX = "imagefolder:"
+
+
+@dataclass
+class Data:
+    name: str
+    x_train: torch.Tensor  # float32 (N, 1, H, W) in [0, 1], white on black
+    y_train: torch.Tensor  # int64 (N,)
+    x_test: torch.Tensor | None
+    y_test: torch.Tensor | None
+    class_names: list[str]
+    preprocess: str
+    source: str
+
+
+def default_data_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "cnnedge"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """--data-dir, else $CNNEDGE_DATA, else the user cache folder."""
+    if data_dir:
+        return Path(data_dir)
+    if os.environ.get("CNNEDGE_DATA"):
+        return Path(os.environ["CNNEDGE_DATA"])
+    return default_data_dir()
+
+
+def _expected_files(cls, split_train: bool) -> list[str]:
+    resources = cls.resources
+    if isinstance(resources, dict):  # QMNIST keys its resources by split
+        resources = resources["train" if split_train else "test"]
+    return [os.path.splitext(os.path.basename(url))[0] for url, _ in resources]
+
+
+def load_torchvision(name: str, root: Path, download: bool) -> Data:
+    import torchvision.datasets as tvd
+
+    class_name, mode = DATASETS[name]
+    cls = getattr(tvd, class_name)
+    splits = {}
+    for train in (True, False):
+        kwargs = {"what": "train" if train else "test10k"} if class_name == "QMNIST" else {"train": train}
+        try:
+            splits[train] = cls(str(root), download=download, **kwargs)
+        except RuntimeError as e:
+            if download:
+                raise CnnedgeError(f"{name}: download into {root} failed ({str(e)[:160]})") from None
+            folder = Path(root) / class_name / "raw"
+            files = ", ".join(_expected_files(cls, train))
+            raise CnnedgeError(
+                f"{name} not found: expected {files} in {folder} "
+                "(set --data-dir or CNNEDGE_DATA, or pass --download when online)"
+            ) from None
+        except OSError as e:  # URLError from an offline --download is an OSError
+            raise CnnedgeError(f"{name}: download into {root} failed ({e})") from None
+    train, test = splits[True], splits[False]
+    digits = class_name in ("MNIST", "QMNIST")
+    class_names = [str(i) for i in range(10)] if digits else list(train.classes)
+    targets = lambda ds: (ds.targets[:, 0] if ds.targets.ndim == 2 else ds.targets).long()  # QMNIST: extra columns
+    as_float = lambda ds: ds.data.unsqueeze(1).float().div_(255.0)
+    return Data(name, as_float(train), targets(train), as_float(test), targets(test), class_names, mode,
+                str(Path(root) / class_name))
+
+
+def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
+    """ImageFolder tree (one folder per class). With train/ and test/ subfolders, both are used."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    from cnnedge.preprocess import IMAGE_EXTENSIONS, ImageError, read_image, to_network_input
+    from cnnedge.report import warn
+
+    if not path.is_dir():
+        raise CnnedgeError(f"imagefolder {path}: not a directory")
+    train_dir, test_dir = (path / "train", path / "test") if (path / "train").is_dir() else (path, None)
+
+    def read_split(folder: Path, classes: list[str] | None):
+        try:
+            found, class_to_idx = find_classes(str(folder))
+        except FileNotFoundError as e:
+            raise CnnedgeError(f"imagefolder {folder}: {e}") from None
+        if classes is not None:
+            class_to_idx = {c: classes.index(c) for c in found if c in classes}
+            for c in set(found) - set(classes):
+                warn(f"{folder / c}: class not in the training split, skipped")
+        samples = make_dataset(str(folder), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        images, labels = [], []
+        for file, label in samples:
+            try:
+                images.append(torch.from_numpy(to_network_input(read_image(file), mode, size)))
+                labels.append(label)
+            except ImageError as e:
+                warn(f"{file}: {e}; skipped")
+        if not images:
+            raise CnnedgeError(f"imagefolder {folder}: no readable images in class subfolders")
+        return torch.stack(images).unsqueeze(1), torch.tensor(labels, dtype=torch.long), found
+
+    x_train, y_train, classes = read_split(train_dir, None)
+    x_test = y_test = None
+    if test_dir is not None and test_dir.is_dir():
+        x_test, y_test, _ = read_split(test_dir, classes)
+    return Data(f"imagefolder:{path}", x_train, y_train, x_test, y_test, classes, mode, str(path))
+
+
+def load_data(dataset: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Data:
+    if dataset.startswith(IMAGEFOLDER_PREFIX):
+        return load_imagefolder(Path(dataset[len(IMAGEFOLDER_PREFIX) :]).expanduser())
+    if dataset not in DATASETS:
+        choices = ", ".join([*DATASETS, "imagefolder:PATH"])
+        raise CnnedgeError(f"unknown dataset {dataset!r}; choose one of: {choices}")
+    return load_torchvision(dataset, resolve_data_dir(data_dir), download)
+
+
+def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of the training indices into (train, validation)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * fraction)) if n > 1 else 0
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def normalization(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training images, as the network sees them."""
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+
+
+def augment_batch(x: torch.Tensor, rotate_deg: float = 12.0, scale: float = 0.12, shear: float = 0.15,
+                  shift: float = 0.1, stroke: float = 0.3) -> torch.Tensor:
+    """Per-sample random affine and stroke-width change on a batch of [0, 1] images, on its device.
+
+    Handwriting varies in slant, size, position and pen width; preprocessing removes most of it, the
+    rest is learnt here. One affine_grid/grid_sample call serves the whole batch (torchvision's v2
+    transforms draw one set of parameters per call, which would give every image the same warp).
+    """
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    uniform = lambda amount: (torch.rand(n, device=x.device) * 2 - 1) * amount
+    angle = uniform(math.radians(rotate_deg))
+    zoom = 1 + uniform(scale)
+    sh = uniform(shear)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([
+        torch.stack([cos, -sin + sh, uniform(2 * shift)], dim=1),
+        torch.stack([sin, cos, uniform(2 * shift)], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    # Half-strength dilation or erosion: thicker or thinner pen strokes.
+    r = torch.rand(n, 1, 1, 1, device=x.device)
+    thicker = 0.5 * (x + F.max_pool2d(x, 3, 1, 1))
+    thinner = 0.5 * (x - F.max_pool2d(-x, 3, 1, 1))
+    return torch.where(r < stroke / 2, thicker, torch.where(r > 1 - stroke / 2, thinner, x))

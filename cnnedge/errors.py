@@ -1,0 +1,21 @@
+"""Exit codes and the one exception type the CLI turns into a one-line message."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    PARTIAL = 1  # some inputs failed; the rest of the batch ran
+    USAGE = 2  # bad arguments, missing data, unreadable model or checkpoint, unavailable provider
+    CHECK_FAILED = 3  # a model disagrees with its documented layer table, or ONNX parity failed
+    INTERNAL = 4  # a bug in cnnedge: rerun with CNNEDGE_DEBUG=1 for the traceback
+    INTERRUPTED = 130  # SIGINT (Ctrl-C); the last completed epoch's checkpoint is kept
+    TERMINATED = 143  # SIGTERM; same guarantee as SIGINT
+
+
+class CnnedgeError(Exception):
+    """An error the user can act on: printed as one line, exits with `code`."""
+
+    def __init__(self, message: str, code: int = ExitCode.USAGE):
+        super().__init__(message)
+        self.code = int(code)

@@ -1,0 +1,349 @@
+"""`cnnedge train`: train a zoo network on in-memory tensors, checkpoint every epoch, report on the test set.
+
+Reproducible by construction: every epoch reseeds from (seed, epoch), so a run resumed after an
+interruption retraces the uninterrupted one exactly. Each completed epoch is checkpointed atomically;
+Ctrl-C or SIGTERM abandons only the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnedge import __version__
+from cnnedge.atomic import write_text
+from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cnnedge.data import Data, augment_batch, load_data, normalization, split_validation
+from cnnedge.errors import CnnedgeError, ExitCode
+from cnnedge.metrics import classification_report, confusion_matrix
+from cnnedge.report import confusion_table, console, per_class_table
+from cnnedge.zoo import DEFAULT_ARCH, get_arch
+
+# Used where neither the command line nor the architecture's recipe says otherwise.
+DEFAULT_HPARAMS = dict(
+    optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant",
+    batch_size=128, epochs=5, loss="cross-entropy", label_smoothing=0.0, augment=False,
+)
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("onecycle", "cosine", "constant")
+LOSSES = ("cross-entropy", "mse")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    arch: str = DEFAULT_ARCH
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    out: str = "models/cnn.pt"
+    device: str = "auto"
+    seed: int = 0
+    val_fraction: float = 0.05
+    limit: int | None = None  # train on the first N training images only (smoke tests, quick checks)
+    download: bool = False
+    resume: bool = False
+    from_checkpoint: str | None = None
+    freeze_backbone: bool = False
+    plots: bool = True
+    hparams: dict = field(default_factory=dict)  # only what the user set; the rest comes from the recipe
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+@contextmanager
+def interruptible():
+    """Turn SIGINT and SIGTERM into one exception so both keep the last completed epoch."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def pick_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise CnnedgeError(f"unknown device {name!r}; choose one of: {', '.join(DEVICES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CnnedgeError("--device cuda: no CUDA device is available to torch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise CnnedgeError("--device mps: the Metal backend is not available")
+    return torch.device(name)
+
+
+def resolve_hparams(arch: str, given: dict) -> dict:
+    hp = {**DEFAULT_HPARAMS, **get_arch(arch).recipe, **{k: v for k, v in given.items() if v is not None}}
+    for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES)):
+        if hp[key] not in choices:
+            raise CnnedgeError(f"unknown {key} {hp[key]!r}; choose one of: {', '.join(choices)}")
+    if hp["epochs"] < 1 or hp["batch_size"] < 1 or not hp["lr"] > 0:
+        raise CnnedgeError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    return hp
+
+
+def make_optimizer(params, hp: dict) -> torch.optim.Optimizer:
+    name, lr, wd = hp["optimizer"], hp["lr"], hp["weight_decay"]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=hp["momentum"], nesterov=hp["momentum"] > 0, weight_decay=wd)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.RMSprop(params, lr=lr, momentum=hp["momentum"], weight_decay=wd)
+
+
+def make_scheduler(optimizer, hp: dict, steps_per_epoch: int):
+    total = hp["epochs"] * steps_per_epoch
+    if hp["schedule"] == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp["lr"], total_steps=total, pct_start=0.25)
+    if hp["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, hp: dict) -> torch.Tensor:
+    if hp["loss"] == "mse":  # seed 002's Keras recipe: squared error between softmax and one-hot
+        return F.mse_loss(logits.softmax(dim=1), F.one_hot(targets, logits.shape[1]).to(logits.dtype))
+    return F.cross_entropy(logits, targets, label_smoothing=hp["label_smoothing"])
+
+
+@torch.no_grad()
+def evaluate(model, x, y, mean, std, hp, device, batch_size=1000) -> tuple[float, np.ndarray]:
+    """Mean loss and predictions over (x, y), in eval mode."""
+    model.eval()
+    total_loss, preds = 0.0, []
+    for i in range(0, len(x), batch_size):
+        xb = normalize(x[i : i + batch_size].to(device), mean, std)
+        yb = y[i : i + batch_size].to(device)
+        logits = model(xb)
+        total_loss += loss_fn(logits, yb, hp).item() * len(yb)
+        preds.append(logits.argmax(1).cpu())
+    return total_loss / max(len(x), 1), torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def train_epoch(model, optimizer, scheduler, x, y, order, mean, std, hp, device, progress, task) -> tuple[float, float]:
+    model.train()
+    if getattr(model, "frozen_backbone", False):
+        model.eval()  # a frozen backbone keeps its BatchNorm statistics
+    bs = hp["batch_size"]
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for step, i in enumerate(range(0, len(order), bs)):
+        idx = order[i : i + bs]
+        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        if hp["augment"]:
+            xb = augment_batch(xb)
+        logits = model(normalize(xb, mean, std))
+        loss = loss_fn(logits, yb, hp)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == yb).sum()
+        seen += len(idx)
+        if step % 20 == 0 or i + bs >= len(order):
+            progress.update(task, completed=step + 1, loss=loss_sum.item() / seen, acc=correct.item() / seen)
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+
+
+def replace_head(model: nn.Sequential, num_classes: int) -> nn.Sequential:
+    """Swap the final linear layer for a fresh one with `num_classes` outputs (fine-tuning)."""
+    name, head = list(model.named_children())[-1]
+    if not isinstance(head, nn.Linear):
+        raise CnnedgeError(f"cannot replace the head: the last layer {name!r} is not a linear layer")
+    setattr(model, name, nn.Linear(head.in_features, num_classes))
+    return model
+
+
+def _history_line(h: dict, epochs: int) -> str:
+    val = f"  val loss {h['val_loss']:.4f} acc {100 * h['val_accuracy']:.2f}%" if h.get("val_accuracy") is not None else ""
+    return (f"epoch {h['epoch']}/{epochs}  train loss {h['train_loss']:.4f} acc {100 * h['train_accuracy']:.2f}%"
+            f"{val}  lr {h['lr']:.4g}  {h['seconds']:.1f} s")
+
+
+def run(config: TrainConfig, command: str | None = None) -> dict:
+    """Train (or resume) and return the metrics written to <out stem>.metrics.json."""
+    out = Path(config.out)
+    command = command or shlex.join(["cnnedge", *sys.argv[1:]])
+    resumed = None
+    if config.resume:
+        if not out.is_file():
+            raise CnnedgeError(f"--resume: {out} does not exist; train without --resume first")
+        resumed = load_checkpoint(out)
+        if "config" not in resumed:
+            raise CnnedgeError(f"--resume: {out} carries no training state")
+        device_choice = config.device
+        config = TrainConfig(**{**resumed["config"], "out": str(out), "resume": True})
+        config.device = device_choice
+        command = resumed.get("command", command)
+    hp = resolve_hparams(config.arch, config.hparams) if resumed is None else resumed["hparams"]
+    device = pick_device(config.device)
+
+    base = None
+    if config.from_checkpoint:
+        base = load_checkpoint(config.from_checkpoint)
+        config.arch = base["arch"]
+    data = load_data(config.dataset, config.data_dir, config.download)
+    if config.limit:
+        data.x_train, data.y_train = data.x_train[: config.limit], data.y_train[: config.limit]
+    arch = get_arch(config.arch)
+    if tuple(data.x_train.shape[1:]) != arch.input_shape:
+        raise CnnedgeError(f"{data.name}: images are {tuple(data.x_train.shape[1:])}, {arch.name} expects {arch.input_shape}")
+
+    train_idx, val_idx = split_validation(len(data.x_train), config.val_fraction, config.seed)
+    if resumed is not None or base is not None:  # keep the saved (or base network's) input convention
+        mean, std, preprocess = ((resumed or base)[k] for k in ("mean", "std", "preprocess"))
+    else:
+        mean, std = normalization(data.x_train[train_idx])
+        preprocess = data.preprocess
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    torch.manual_seed(config.seed)
+    num_classes = len(data.class_names)
+    if base is not None:
+        model = replace_head(model_from_checkpoint(base, config.from_checkpoint), num_classes)
+        if config.freeze_backbone:
+            for p in list(model.parameters())[:-2]:
+                p.requires_grad_(False)
+    else:
+        model = arch.build(num_classes)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    model.frozen_backbone = config.freeze_backbone and base is not None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, hp)
+    steps_per_epoch = math.ceil(len(train_idx) / hp["batch_size"])
+    scheduler = make_scheduler(optimizer, hp, steps_per_epoch)
+
+    history: list[dict] = []
+    start_epoch = 1
+    if resumed is not None:
+        model.load_state_dict(resumed["state_dict"])
+        history = list(resumed.get("history", []))
+        start_epoch = resumed["epoch"] + 1
+        if "optimizer_state" in resumed:
+            optimizer.load_state_dict(resumed["optimizer_state"])
+            scheduler.load_state_dict(resumed["scheduler_state"])
+        console.print(f"resuming {out}: {resumed['epoch']} of {hp['epochs']} epochs done")
+
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_val, y_val = x_train[val_idx.to(device)], y_train[val_idx.to(device)]
+    run_info = {
+        "format_version": 1, "cnnedge_version": __version__, "command": command,
+        "arch": config.arch, "num_classes": num_classes, "class_names": data.class_names,
+        "input_shape": list(arch.input_shape), "mean": mean, "std": std, "preprocess": preprocess,
+        "dataset": data.name, "seed": config.seed, "epochs": hp["epochs"], "hparams": hp,
+        "config": {**asdict(config), "resume": False}, "device": str(device),
+    }
+    if base is not None:
+        run_info["fine_tuned_from"] = {"path": str(config.from_checkpoint), "dataset": base.get("dataset")}
+
+    console.print(
+        f"training {config.arch} on {data.name} ({len(train_idx):,} train / {len(val_idx):,} val"
+        f"{'' if data.x_test is None else f' / {len(data.x_test):,} test'}) on {device}: "
+        f"{hp['optimizer']} lr {hp['lr']} {hp['schedule']}, batch {hp['batch_size']}, {hp['epochs']} epochs, "
+        f"{hp['loss']}{', augment' if hp['augment'] else ''}"
+    )
+    from torch.utils.data import DistributedSampler
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    sampler = DistributedSampler(range(len(train_idx)), num_replicas=1, rank=0, shuffle=True, seed=config.seed)
+    epoch = start_epoch - 1
+    try:
+        with interruptible():
+            for epoch in range(start_epoch, hp["epochs"] + 1):
+                torch.manual_seed(config.seed * 100_003 + epoch)  # augmentation and dropout draws
+                sampler.set_epoch(epoch)
+                order = train_idx[torch.tensor(list(sampler))].to(device)
+                t0 = time.perf_counter()
+                with Progress(TextColumn(f"epoch {epoch}/{hp['epochs']}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
+                              console=console, transient=True) as progress:
+                    task = progress.add_task("train", total=steps_per_epoch, loss=0.0, acc=0.0)
+                    train_loss, train_acc = train_epoch(model, optimizer, scheduler, x_train, y_train, order,
+                                                        mean_t, std_t, hp, device, progress, task)
+                val_loss, val_acc = None, None
+                if len(val_idx):
+                    val_loss, preds = evaluate(model, x_val, y_val, mean_t, std_t, hp, device)
+                    val_acc = float((preds == y_val.cpu().numpy()).mean())
+                h = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+                     "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                     "seconds": time.perf_counter() - t0}
+                history.append(h)
+                console.print(_history_line(h, hp["epochs"]))
+                save_checkpoint(out, {**run_info, "epoch": epoch, "complete": False, "history": history,
+                                      "state_dict": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                                      "scheduler_state": scheduler.state_dict()})
+    except Interrupted as e:
+        code = ExitCode.INTERRUPTED if e.signum == signal.SIGINT else ExitCode.TERMINATED
+        kept = f"{out} keeps epoch {epoch - 1}; continue with --resume" if epoch > 1 else "no epoch completed"
+        raise CnnedgeError(f"interrupted during epoch {epoch}: {kept}", code) from None
+
+    return finish(model, data, run_info, history, mean_t, std_t, hp, device, out, val_idx, config.plots)
+
+
+def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out: Path, val_idx, plots: bool) -> dict:
+    """Final report on the test set (validation when there is none); complete checkpoint, metrics, plots."""
+    if data.x_test is not None:
+        split, x, y = "test", data.x_test, data.y_test
+    else:
+        split, x, y = "validation", data.x_train[val_idx], data.y_train[val_idx]
+    loss, preds = evaluate(model, x.to(device), y.to(device), mean_t, std_t, hp, device)
+    cm = confusion_matrix(y.numpy(), preds, len(data.class_names))
+    report = classification_report(cm, data.class_names)
+    train_seconds = sum(h["seconds"] for h in history)
+    metrics = {
+        "arch": run_info["arch"], "dataset": run_info["dataset"], "epochs": run_info["epochs"],
+        "command": run_info["command"], "report_split": split, f"{split}_loss": loss,
+        f"{split}_accuracy": report["accuracy"], "train_seconds": train_seconds, "history": history,
+        **{k: v for k, v in report.items() if k != "accuracy"},
+        "cnnedge_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    summary = {k: metrics[k] for k in (f"{split}_accuracy", f"{split}_loss", "train_seconds")}
+    save_checkpoint(out, {**run_info, "epoch": run_info["epochs"], "complete": True, "history": history,
+                          "metrics": summary, "state_dict": model.state_dict()})
+    metrics_path = out.with_name(out.stem + ".metrics.json")
+    write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    written = [out, metrics_path]
+    if plots:
+        from cnnedge.plots import plot_confusion, plot_curves
+
+        written += [plot_curves(history, out.with_name(out.stem + ".curves.png")),
+                    plot_confusion(cm, data.class_names, out.with_name(out.stem + ".confusion.png"))]
+    console.print(per_class_table(cm, data.class_names, title=f"{split} accuracy per class"))
+    console.print(confusion_table(cm, data.class_names))
+    console.print(f"{split} accuracy {100 * report['accuracy']:.2f}% (loss {loss:.4f}) after {train_seconds:.1f} s of training")
+    console.print("wrote " + ", ".join(str(p) for p in written))
+    return metrics

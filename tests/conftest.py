@@ -1,0 +1,62 @@
+"""Shared fixtures. Real data comes from $CNNEDGE_DATA (../shared/data in CI); tests that need it
+skip without it, except when CNNEDGE_REQUIRE_DATA=1 (CI), where missing data is a failure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if os.environ.get("CNNEDGE_DATA"):
+    # Subprocesses and tests that change directory must see the same folder.
+    os.environ["CNNEDGE_DATA"] = str(Path(os.environ["CNNEDGE_DATA"]).resolve())
+
+
+def _data_path(relative: str) -> Path:
+    root = os.environ.get("CNNEDGE_DATA")
+    path = Path(root) / relative if root else None
+    if path is None or not path.exists():
+        reason = f"real data {relative!r} not found (set CNNEDGE_DATA to ../shared/data)"
+        if os.environ.get("CNNEDGE_REQUIRE_DATA") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The folder holding MNIST/raw in torchvision's layout."""
+    _data_path("MNIST/raw/t10k-images-idx3-ubyte")
+    return Path(os.environ["CNNEDGE_DATA"])
+
+
+@pytest.fixture(scope="session")
+def greek_dir() -> Path:
+    return _data_path("greek")
+
+
+@pytest.fixture(scope="session")
+def handwritten_dir() -> Path:
+    return _data_path("handwritten_digits")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m cnnedge ARGS` as a user would, capturing text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "cnnedge", *map(str, args)],
+        cwd=cwd or ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    """A user error: the documented exit code, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
