@@ -36,8 +36,9 @@ def main() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    first_line = " ".join(message.split())  # one line, whatever the exception carried
-    print(f"error: {first_line}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
+        first_line = " ".join(message.split())  # one line, whatever the exception carried
+        print(f"error: {first_line}", file=sys.stderr)
     sys.exit(code)
 
 

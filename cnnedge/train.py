@@ -151,17 +151,16 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def train_epoch(model, optimizer, scheduler, x, y, order, mean, std, hp, device, progress, task) -> tuple[float, float]:
+def train_epoch(model, optimizer, scheduler, x, y, order, mean, std, hp, device, progress, task, world) -> tuple[float, float]:
     model.train()
     if getattr(model, "frozen_backbone", False):
         model.eval()  # a frozen backbone keeps its BatchNorm statistics
     bs = hp["batch_size"]
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    # [loss sum, correct, seen] on the device: no host sync per batch
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
     for step, i in enumerate(range(0, len(order), bs)):
         idx = order[i : i + bs]
-        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        xb, yb = x[idx], y[idx]
         if hp["augment"]:
             xb = augment_batch(xb)
         logits = model(normalize(xb, mean, std))
@@ -170,12 +169,16 @@ def train_epoch(model, optimizer, scheduler, x, y, order, mean, std, hp, device,
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.argmax(1) == yb).sum()
-        seen += len(idx)
-        if step % 20 == 0 or i + bs >= len(order):
-            progress.update(task, completed=step + 1, loss=loss_sum.item() / seen, acc=correct.item() / seen)
-    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+        totals[0] += loss.detach() * len(idx)
+        totals[1] += (logits.argmax(1) == yb).sum()
+        totals[2] += len(idx)
+        if progress is not None and (step % 20 == 0 or i + bs >= len(order)):
+            loss_sum, correct, seen = totals.tolist()
+            progress.update(task, completed=step + 1, loss=loss_sum / seen, acc=correct / seen)
+    if world > 1:
+        torch.distributed.all_reduce(totals)  # the epoch's figures over every process
+    loss_sum, correct, seen = totals.tolist()
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
 def replace_head(model: nn.Sequential, num_classes: int) -> nn.Sequential:
@@ -193,10 +196,48 @@ def _history_line(h: dict, epochs: int) -> str:
             f"{val}  lr {h['lr']:.4g}  {h['seconds']:.1f} s")
 
 
-def run(config: TrainConfig, command: str | None = None) -> dict:
-    """Train (or resume) and return the metrics written to <out stem>.metrics.json."""
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job; a plain run is a world of one."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group torchrun set up (gloo on CPU, NCCL on GPU); one GPU per process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed(), device
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), local_rank, dist.get_world_size()), device
+
+
+def run(config: TrainConfig, command: str | None = None) -> dict | None:
+    """Train (or resume) and return the metrics written to <out stem>.metrics.json (on rank 0)."""
+    dist, device = init_distributed(pick_device(config.device))
+    try:
+        return _run(config, command, dist, device)
+    finally:
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _run(config: TrainConfig, command: str | None, dist: Distributed, device: torch.device) -> dict | None:
     out = Path(config.out)
     command = command or shlex.join(["cnnedge", *sys.argv[1:]])
+    say = console.print if dist.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
     resumed = None
     if config.resume:
         if not out.is_file():
@@ -204,12 +245,9 @@ def run(config: TrainConfig, command: str | None = None) -> dict:
         resumed = load_checkpoint(out)
         if "config" not in resumed:
             raise CnnedgeError(f"--resume: {out} carries no training state")
-        device_choice = config.device
-        config = TrainConfig(**{**resumed["config"], "out": str(out), "resume": True})
-        config.device = device_choice
+        config = TrainConfig(**{**resumed["config"], "out": str(out), "device": config.device, "resume": True})
         command = resumed.get("command", command)
     hp = resolve_hparams(config.arch, config.hparams) if resumed is None else resumed["hparams"]
-    device = pick_device(config.device)
 
     base = None
     if config.from_checkpoint:
@@ -231,7 +269,7 @@ def run(config: TrainConfig, command: str | None = None) -> dict:
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # same initial weights on every process
     num_classes = len(data.class_names)
     if base is not None:
         model = replace_head(model_from_checkpoint(base, config.from_checkpoint), num_classes)
@@ -240,23 +278,33 @@ def run(config: TrainConfig, command: str | None = None) -> dict:
                 p.requires_grad_(False)
     else:
         model = arch.build(num_classes)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    model.frozen_backbone = config.freeze_backbone and base is not None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, hp)
-    steps_per_epoch = math.ceil(len(train_idx) / hp["batch_size"])
-    scheduler = make_scheduler(optimizer, hp, steps_per_epoch)
-
     history: list[dict] = []
     start_epoch = 1
     if resumed is not None:
         model.load_state_dict(resumed["state_dict"])
         history = list(resumed.get("history", []))
         start_epoch = resumed["epoch"] + 1
-        if "optimizer_state" in resumed:
-            optimizer.load_state_dict(resumed["optimizer_state"])
-            scheduler.load_state_dict(resumed["scheduler_state"])
-        console.print(f"resuming {out}: {resumed['epoch']} of {hp['epochs']} epochs done")
+    model = model.to(device).to(memory_format=torch.channels_last)
+    model.frozen_backbone = config.freeze_backbone and base is not None
+    net = model  # what trains; `model` stays the plain module that is evaluated and saved
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net.frozen_backbone = model.frozen_backbone
+    from torch.utils.data import DistributedSampler
+
+    # Each process takes its own shard of a shuffled order that depends only on (seed, epoch).
+    sampler = DistributedSampler(range(len(train_idx)), num_replicas=dist.world, rank=dist.rank,
+                                 shuffle=True, seed=config.seed)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], hp)
+    steps_per_epoch = math.ceil(len(sampler) / hp["batch_size"])
+    scheduler = make_scheduler(optimizer, hp, steps_per_epoch)
+    if resumed is not None and "optimizer_state" in resumed:
+        optimizer.load_state_dict(resumed["optimizer_state"])
+        scheduler.load_state_dict(resumed["scheduler_state"])
+    if resumed is not None:
+        say(f"resuming {out}: {resumed['epoch']} of {hp['epochs']} epochs done")
 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_val, y_val = x_train[val_idx.to(device)], y_train[val_idx.to(device)]
@@ -265,52 +313,54 @@ def run(config: TrainConfig, command: str | None = None) -> dict:
         "arch": config.arch, "num_classes": num_classes, "class_names": data.class_names,
         "input_shape": list(arch.input_shape), "mean": mean, "std": std, "preprocess": preprocess,
         "dataset": data.name, "seed": config.seed, "epochs": hp["epochs"], "hparams": hp,
-        "config": {**asdict(config), "resume": False}, "device": str(device),
+        "config": {**asdict(config), "resume": False}, "device": str(device), "processes": dist.world,
     }
     if base is not None:
         run_info["fine_tuned_from"] = {"path": str(config.from_checkpoint), "dataset": base.get("dataset")}
 
-    console.print(
-        f"training {config.arch} on {data.name} ({len(train_idx):,} train / {len(val_idx):,} val"
-        f"{'' if data.x_test is None else f' / {len(data.x_test):,} test'}) on {device}: "
+    processes = f" x {dist.world} processes" if dist.world > 1 else ""
+    say(f"training {config.arch} on {data.name} ({len(train_idx):,} train / {len(val_idx):,} val"
+        f"{'' if data.x_test is None else f' / {len(data.x_test):,} test'}) on {device}{processes}: "
         f"{hp['optimizer']} lr {hp['lr']} {hp['schedule']}, batch {hp['batch_size']}, {hp['epochs']} epochs, "
-        f"{hp['loss']}{', augment' if hp['augment'] else ''}"
-    )
-    from torch.utils.data import DistributedSampler
+        f"{hp['loss']}{', augment' if hp['augment'] else ''}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    sampler = DistributedSampler(range(len(train_idx)), num_replicas=1, rank=0, shuffle=True, seed=config.seed)
     epoch = start_epoch - 1
     try:
         with interruptible():
             for epoch in range(start_epoch, hp["epochs"] + 1):
-                torch.manual_seed(config.seed * 100_003 + epoch)  # augmentation and dropout draws
+                torch.manual_seed((config.seed * 100_003 + epoch) * 64 + dist.rank)  # augmentation, dropout
                 sampler.set_epoch(epoch)
                 order = train_idx[torch.tensor(list(sampler))].to(device)
                 t0 = time.perf_counter()
                 with Progress(TextColumn(f"epoch {epoch}/{hp['epochs']}"), BarColumn(), MofNCompleteColumn(),
                               TimeElapsedColumn(), TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
-                              console=console, transient=True) as progress:
+                              console=console, transient=True, disable=not dist.main) as progress:
                     task = progress.add_task("train", total=steps_per_epoch, loss=0.0, acc=0.0)
-                    train_loss, train_acc = train_epoch(model, optimizer, scheduler, x_train, y_train, order,
-                                                        mean_t, std_t, hp, device, progress, task)
-                val_loss, val_acc = None, None
-                if len(val_idx):
-                    val_loss, preds = evaluate(model, x_val, y_val, mean_t, std_t, hp, device)
-                    val_acc = float((preds == y_val.cpu().numpy()).mean())
-                h = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
-                     "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
-                     "seconds": time.perf_counter() - t0}
-                history.append(h)
-                console.print(_history_line(h, hp["epochs"]))
-                save_checkpoint(out, {**run_info, "epoch": epoch, "complete": False, "history": history,
-                                      "state_dict": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                                      "scheduler_state": scheduler.state_dict()})
+                    train_loss, train_acc = train_epoch(net, optimizer, scheduler, x_train, y_train, order, mean_t,
+                                                        std_t, hp, device, progress if dist.main else None, task, dist.world)
+                if dist.main:
+                    val_loss, val_acc = None, None
+                    if len(val_idx):
+                        val_loss, preds = evaluate(model, x_val, y_val, mean_t, std_t, hp, device)
+                        val_acc = float((preds == y_val.cpu().numpy()).mean())
+                    h = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+                         "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                         "seconds": time.perf_counter() - t0}
+                    history.append(h)
+                    say(_history_line(h, hp["epochs"]))
+                    save_checkpoint(out, {**run_info, "epoch": epoch, "complete": False, "history": history,
+                                          "state_dict": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                                          "scheduler_state": scheduler.state_dict()})
+                if dist.world > 1:
+                    torch.distributed.barrier()  # nobody starts the next epoch before the checkpoint is on disk
     except Interrupted as e:
         code = ExitCode.INTERRUPTED if e.signum == signal.SIGINT else ExitCode.TERMINATED
         kept = f"{out} keeps epoch {epoch - 1}; continue with --resume" if epoch > 1 else "no epoch completed"
         raise CnnedgeError(f"interrupted during epoch {epoch}: {kept}", code) from None
 
+    if not dist.main:
+        return None
     return finish(model, data, run_info, history, mean_t, std_t, hp, device, out, val_idx, config.plots)
 
 
