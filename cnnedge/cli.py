@@ -131,3 +131,24 @@ def summary(
     if bad:
         raise CnnedgeError(f"{a.name}: {len(bad)} layer(s) disagree with the documented table: "
                            + "; ".join(f"{r.name}: {', '.join(r.problems())}" for r in bad), ExitCode.CHECK_FAILED)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A cnnedge checkpoint (.pt), e.g. models/cnn.pt."),
+    out: Optional[Path] = typer.Option(None, help="ONNX file to write [default: export/<checkpoint stem>.onnx]; the report goes beside it as .json."),
+    opset: int = typer.Option(18, help="ONNX opset (17 or newer)."),
+    quantize: Optional[list[str]] = typer.Option(None, help="none, fp16 or int8; repeat for both. Variants go beside --out (cnn.fp16.onnx, cnn.int8.onnx); the fp32 model is always written."),
+    calibration_images: int = typer.Option(1000, help="Training images that calibrate --quantize int8."),
+    data_dir: Optional[Path] = typer.Option(None, help="Dataset root for parity and accuracy [default: $CNNEDGE_DATA, else ~/.cache/cnnedge]."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Export a checkpoint to ONNX, verified layer by layer and against PyTorch, with embedded metadata."""
+    from cnnedge.export import ExportConfig, run
+
+    run(ExportConfig(checkpoint=str(checkpoint), out=str(out) if out else None, opset=opset,
+                     quantize=tuple(quantize or ()), calibration_images=calibration_images,
+                     data_dir=str(data_dir) if data_dir else None, force=force))

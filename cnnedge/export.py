@@ -1,0 +1,570 @@
+"""`cnnedge export`: a checkpoint to a deployable ONNX model, proven right before anything is written.
+
+`run` takes these steps, one function each, in this order (1-4 together are `verify_layers`):
+
+1. `check_layers` (cnnedge.zoo): the network against its documented layer table, in PyTorch;
+2. `export_graph`: the dynamo exporter without its fusion rewrites, so every layer keeps its value;
+3. `name_layer_values`: each layer's output value is renamed after the layer;
+4. `check_onnx_shapes`: every layer again, by ONNX shape inference on those values;
+5. `check_parity`: onnxruntime against PyTorch, logits and embedding, on real test images (else generated);
+6. `make_variants` (`quantize_fp16`, `quantize_int8`): test accuracy of the model and of its variants;
+7. `add_metadata`: what a device needs to use the model, so the .onnx file is all it needs;
+8. `write_outputs`: models and the JSON report, atomically, only after every check has passed.
+
+A failed check prints the layer table (or the parity figures), writes nothing and exits with code 3.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import io
+import json
+import tempfile
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxscript import ir
+from rich.table import Table
+from torch import nn
+
+from cnnedge import __version__
+from cnnedge.atomic import write_bytes, write_text
+from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint
+from cnnedge.errors import CnnedgeError, ExitCode
+from cnnedge.modelinfo import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, ModelInfo
+from cnnedge.report import console, fmt_bytes, layer_table, warn
+from cnnedge.zoo import LayerCheck, check_layers, get_arch
+
+MIN_OPSET = 17
+NATIVE_OPSET = 18  # the lowest opset torch's dynamo exporter emits itself; 17 is converted from it
+QUANTIZATIONS = ("none", "fp16", "int8")
+TOLERANCE = 1e-4  # max |onnxruntime - torch| for logits and embedding (fp32)
+MIN_REAL_IMAGES = 1_000  # fewer real test images than this: parity runs on generated inputs
+GENERATED_IMAGES = 1_000
+INT8_GOAL = 0.002  # int8 may lose at most 0.2 points of test accuracy against fp32
+BATCH = 500  # images per forward call, onnxruntime and torch alike
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # node metadata from the exporter: the module stack
+IDENTITY_NOTE = "no ONNX node (identity at inference): checked on its input value"
+IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+INT8_SETTINGS = dict(format="QDQ", activations="QInt8", weights="QInt8", per_channel=True, calibration="MinMax")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str
+    out: str | None = None  # default: export/<checkpoint stem>.onnx
+    opset: int = NATIVE_OPSET
+    quantize: tuple[str, ...] = ()  # any of fp16, int8; the fp32 model is always written
+    calibration_images: int = 1_000
+    force: bool = False
+    data_dir: str | None = None
+    parity_images: int | None = None  # real test images used for parity; None: the whole test set
+
+
+@dataclass
+class Images:
+    """Normalized images as the network sees them (N, C, H, W) float32, and labels where known."""
+
+    source: str
+    x: np.ndarray
+    y: np.ndarray | None = None
+
+
+@dataclass
+class Variant:
+    precision: str
+    path: Path
+    proto: onnx.ModelProto
+    test_accuracy: float | None = None
+    report: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- outputs and inputs
+
+
+def output_paths(config: ExportConfig, quantize: list[str]) -> dict[str, Path]:
+    """fp32 model, each variant beside it (cnn.onnx -> cnn.int8.onnx), and the JSON report."""
+    out = Path(config.out) if config.out else Path("export") / f"{Path(config.checkpoint).stem}.onnx"
+    if out.suffix != ".onnx":
+        raise CnnedgeError(f"--out {out}: the model file must end in .onnx")
+    paths = {"fp32": out, **{q: out.with_name(f"{out.stem}.{q}.onnx") for q in quantize}, "report": out.with_suffix(".json")}
+    for path in paths.values():
+        if path.is_dir():
+            raise CnnedgeError(f"{path} is a directory")
+        if path.exists() and not config.force:
+            raise CnnedgeError(f"{path} already exists; pass --force to overwrite it")
+    return paths
+
+
+def load_images(checkpoint: dict, config: ExportConfig, need_train: bool) -> tuple[Images | None, Images | None, str]:
+    """(test set, calibration images from the training set, why no test set) from the checkpoint's dataset."""
+    from cnnedge.data import load_data
+
+    try:
+        data = load_data(checkpoint["dataset"], config.data_dir)
+    except CnnedgeError as e:
+        if need_train:
+            raise CnnedgeError(f"--quantize int8 calibrates on training images: {e}") from None
+        return None, None, str(e)
+    if tuple(data.x_train.shape[1:]) != tuple(checkpoint["input_shape"]):
+        raise CnnedgeError(f"{data.name}: images are {tuple(data.x_train.shape[1:])}, "
+                           f"the checkpoint expects {tuple(checkpoint['input_shape'])}")
+    mean = torch.tensor(checkpoint["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(checkpoint["std"]).view(1, -1, 1, 1)
+    normalize = lambda x: ((x - mean) / std).numpy().astype(np.float32)
+    test = None if data.x_test is None else Images(f"{data.name} test set", normalize(data.x_test), data.y_test.numpy())
+    # A seeded sample of the training set: calibration never sees the test images.
+    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))[: config.calibration_images]
+    train = Images(f"{data.name} training set", normalize(data.x_train[order.sort().values]))
+    return test, train, "" if test is not None else f"{data.name} has no test split"
+
+
+def parity_inputs(test: Images | None, input_shape, limit: int | None) -> Images:
+    """Real test images when there are enough of them, else seeded noise in the normalized domain."""
+    if test is not None and len(test.x) >= MIN_REAL_IMAGES:
+        n = len(test.x) if limit is None else max(MIN_REAL_IMAGES, min(limit, len(test.x)))
+        return Images(test.source, test.x[:n], test.y[:n])
+    rng = np.random.default_rng(0)
+    return Images("generated (seeded standard normal)", rng.standard_normal((GENERATED_IMAGES, *input_shape), np.float32))
+
+
+# --------------------------------------------------------------------------------------- the graph
+
+
+class WithEmbedding(nn.Sequential):
+    """The network's own children (same names, same modules), returning (logits, embedding)."""
+
+    def __init__(self, net: nn.Sequential, embedding: str):
+        super().__init__(OrderedDict(net.named_children()))
+        self.embedding = embedding
+
+    def forward(self, x):
+        embedding = None
+        for name, layer in self.named_children():
+            x = layer(x)
+            if name == self.embedding:
+                embedding = x
+        return x, embedding
+
+
+def export_graph(model: WithEmbedding, input_shape, opset: int) -> ir.Model:
+    """torch's dynamo exporter with a dynamic batch axis, named input and outputs, and no fusion.
+
+    Its default `optimize=True` fuses BatchNorm into Conv, which would leave the bn layers no value to
+    check. So only constant folding and unused-node removal here; onnxruntime fuses Conv+BN(+ReLU)
+    itself when it loads the model (tests/test_export.py checks the optimized graph), so nothing is lost.
+    """
+    import onnxscript.optimizer
+
+    # The exporter prints progress on stdout and warns freely; a failed export must stay one line.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model.eval(), (torch.zeros(2, *input_shape),), dynamo=True, optimize=False,
+            opset_version=max(opset, NATIVE_OPSET), input_names=[INPUT_NAME], output_names=[LOGITS_NAME, EMBEDDING_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
+        )
+        graph = program.model
+        onnxscript.optimizer.fold_constants(graph)
+        onnxscript.optimizer.remove_unused_nodes(graph)
+    return graph
+
+
+def _layer_of(node: ir.Node) -> str | None:
+    """The top-level child that produced a node: the second entry of its module stack."""
+    scopes = node.metadata_props.get(SCOPES_KEY)
+    try:
+        scopes = ast.literal_eval(scopes) if isinstance(scopes, str) else scopes
+    except (ValueError, SyntaxError):
+        return None
+    return scopes[1] if isinstance(scopes, list) and len(scopes) > 2 and scopes[0] == "" else None
+
+
+def name_layer_values(graph: ir.Model, layers: list[str], identities: set[str]) -> dict[str, tuple[str | None, str]]:
+    """Rename the one value each layer hands on to the next after the layer: layer -> (value, note).
+
+    The graph outputs keep their contract names (the last layer is `logits`, the embedding layer
+    `embedding`). A dropout (in `identities`) has no node at inference: it maps to its input value, and
+    the note says so. Any other layer without its one value gets none, which fails the shape check.
+    """
+    owner = {node: _layer_of(node) for node in graph.graph}
+    values = [v for node in graph.graph for v in node.outputs]
+    taken = {v.name for v in values} | {v.name for v in graph.graph.inputs} | set(graph.graph.initializers)
+    for value in values:  # free the layer names for the layer values
+        if value.name in layers and not value.is_graph_output():
+            value.name = _unique(f"{value.name}_", taken)
+    found, previous = {}, graph.graph.inputs[0]
+    for name in layers:
+        nodes = [node for node in graph.graph if owner[node] == name]
+        if not nodes:
+            found[name] = (previous.name, IDENTITY_NOTE) if name in identities else (None, "no ONNX node")
+            continue
+        leaving = [v for node in nodes for v in node.outputs
+                   if v.is_graph_output() or any(owner[user] != name for user, _ in v.uses())]
+        if len(leaving) != 1:
+            found[name] = (None, f"{len(leaving)} values leave this layer in the graph; expected one")
+            continue
+        previous = leaving[0]
+        if not previous.is_graph_output():
+            previous.name = name
+        found[name] = (previous.name, "")
+    return found
+
+
+def _unique(stem: str, taken: set[str]) -> str:
+    n = 0
+    while f"{stem}{n}" in taken:
+        n += 1
+    taken.add(f"{stem}{n}")
+    return f"{stem}{n}"
+
+
+def to_proto(graph: ir.Model, opset: int, arch: str) -> onnx.ModelProto:
+    graph.graph.name = arch
+    proto = ir.to_proto(graph)
+    if opset < NATIVE_OPSET:  # after naming: the C converter drops the exporter's node metadata
+        proto = onnx.version_converter.convert_version(proto, opset)
+    return proto
+
+
+def check_onnx_shapes(proto: onnx.ModelProto, rows: list[LayerCheck], values: dict[str, tuple[str | None, str]]) -> None:
+    """Fill each row's ONNX shape from shape inference. A fixed (non-symbolic) batch axis is kept in the
+    shape, so it shows up as a mismatch too."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:
+        raise CnnedgeError(f"ONNX shape inference failed: {str(e).strip()[:300]}", ExitCode.CHECK_FAILED) from None
+    g = inferred.graph
+    shapes = {vi.name: vi.type.tensor_type.shape for vi in (*g.input, *g.value_info, *g.output)}
+    for row in rows:
+        if row.documented is None:
+            continue
+        row.onnx_checked = True
+        value = values.get(row.name, (None, ""))[0]
+        if value not in shapes:
+            row.onnx_shape = None
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shapes[value].dim]
+        row.onnx_shape = tuple(dims[1:] if dims and isinstance(dims[0], str) and dims[0] != "?" else dims)
+
+
+def check_model(proto: onnx.ModelProto, what: str) -> None:
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise CnnedgeError(f"{what}: onnx.checker rejects the model: {str(e).strip()[:300]}", ExitCode.CHECK_FAILED) from None
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+def session(model: bytes | onnx.ModelProto, provider: str = CPU) -> ort.InferenceSession:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if provider == CUDA:  # full fp32 on the GPU: TF32 would not meet the fp32 tolerance
+        return ort.InferenceSession(data, options, providers=[(CUDA, {"use_tf32": 0}), CPU])
+    return ort.InferenceSession(data, options, providers=[provider])
+
+
+def cuda_session(model: bytes) -> ort.InferenceSession | None:
+    """A CUDA session only where CUDA really loads; onnxruntime silently falls back to CPU otherwise."""
+    if CUDA not in ort.get_available_providers() or not torch.cuda.is_available():
+        return None
+    ort.set_default_logger_severity(4)  # a failed provider load logs errors; quiet while probing
+    try:
+        if hasattr(ort, "preload_dlls"):
+            with contextlib.redirect_stdout(io.StringIO()):
+                ort.preload_dlls()  # CUDA and cuDNN from the nvidia wheels torch brought
+        s = session(model, CUDA)
+    except Exception:
+        return None
+    finally:
+        ort.set_default_logger_severity(2)
+    return s if CUDA in s.get_providers() else None
+
+
+def run_onnx(s: ort.InferenceSession, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    outs = [s.run([LOGITS_NAME, EMBEDDING_NAME], {INPUT_NAME: x[i : i + BATCH]}) for i in range(0, len(x), BATCH)]
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+
+@torch.inference_mode()
+def run_torch(model: WithEmbedding, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    outs = [model(torch.from_numpy(x[i : i + BATCH])) for i in range(0, len(x), BATCH)]
+    return torch.cat([o[0] for o in outs]).numpy(), torch.cat([o[1] for o in outs]).numpy()
+
+
+def compare(reference: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Max absolute differences and top-1 agreement of `got` against `reference` (logits, embedding)."""
+    (ref_logits, ref_emb), (logits, emb) = reference, got
+    return {
+        "max_abs_diff_logits": float(np.abs(ref_logits - logits).max()),
+        "max_abs_diff_embedding": float(np.abs(ref_emb - emb).max()),
+        "top1_agreement": float((ref_logits.argmax(1) == logits.argmax(1)).mean()),
+    }
+
+
+def check_parity(model: WithEmbedding, model_bytes: bytes, images: Images) -> dict:
+    """onnxruntime against PyTorch on the same normalized images. CPU decides; CUDA, where it really
+    loads, is measured and reported too (a miss there is a warning: the model is the same, the kernels differ)."""
+    reference = run_torch(model, images.x)
+    sessions = {CPU: session(model_bytes)}
+    if (gpu := cuda_session(model_bytes)) is not None:
+        sessions[CUDA] = gpu
+    report = {"inputs": images.source, "images": len(images.x), "tolerance": TOLERANCE, "providers": {}}
+    for provider, s in sessions.items():
+        result = compare(reference, run_onnx(s, images.x))
+        result["passed"] = (result["max_abs_diff_logits"] <= TOLERANCE and result["max_abs_diff_embedding"] <= TOLERANCE
+                            and result["top1_agreement"] == 1.0)
+        report["providers"][provider] = result
+    report["passed"] = report["providers"][CPU]["passed"]
+    return report
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean())
+
+
+# --------------------------------------------------------------------------------------- variants
+
+
+def quantize_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights and arithmetic in fp16; inputs and outputs stay float32, so predict needs no change."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = ir.from_proto(convert_float_to_float16(proto, keep_io_types=True))
+    converted.graph.sort()  # the converter appends its input casts at the end of the node list
+    return ir.to_proto(converted)
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over a normalized image array."""
+
+    def __init__(self, x: np.ndarray, batch: int = 100):
+        self.batches = iter([{INPUT_NAME: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
+    """Static int8 in QDQ form: per-channel weights, activations calibrated on training images."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    with tempfile.TemporaryDirectory(prefix="cnnedge-int8-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32, pre, out = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(proto, fp32)
+        with contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(fp32, pre, skip_symbolic_shape=True)  # ONNX shape inference, Conv+BN folding
+            quantize_static(pre, out, _Calibration(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        return onnx.load(out)
+
+
+def measure_variant(variant: Variant, images: Images, fp32_outputs: tuple[np.ndarray, np.ndarray]) -> None:
+    """Agreement with the fp32 model on the same images, and test accuracy when they are labelled."""
+    check_model(variant.proto, f"{variant.precision} model")
+    outputs = run_onnx(session(variant.proto), images.x)
+    variant.report = {"vs_fp32": {"inputs": images.source, "images": len(images.x), **compare(fp32_outputs, outputs)}}
+    if images.y is not None:
+        variant.test_accuracy = top1_accuracy(outputs[0], images.y)
+        variant.report["test_accuracy"] = variant.test_accuracy
+
+
+# --------------------------------------------------------------------------------- metadata, files
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def add_metadata(proto: onnx.ModelProto, checkpoint: dict, precision: str, test_accuracy: float | None,
+                 sha256: str, export_date: str) -> onnx.ModelProto:
+    info = ModelInfo(
+        class_names=list(checkpoint["class_names"]), input_shape=tuple(checkpoint["input_shape"]),
+        mean=list(checkpoint["mean"]), std=list(checkpoint["std"]), preprocess=checkpoint["preprocess"],
+        arch=checkpoint["arch"], precision=precision, embedding_layer=get_arch(checkpoint["arch"]).embedding,
+        test_accuracy=test_accuracy, dataset=checkpoint.get("dataset", ""), checkpoint_sha256=sha256,
+        cnnedge_version=__version__, export_date=export_date,
+    )
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, info.to_props())
+    return proto
+
+
+def write_outputs(models: dict[str, tuple[Path, onnx.ModelProto]], report_path: Path, report: dict) -> None:
+    """Each file atomically, the report last; models are small, so no external data."""
+    report["files"] = {}
+    for precision, (path, proto) in models.items():
+        data = proto.SerializeToString()
+        write_bytes(path, data)
+        report["files"][precision] = {"path": str(path), "size_bytes": len(data)}
+    report["size_bytes"] = report["files"]["fp32"]["size_bytes"]
+    write_text(report_path, json.dumps(report, indent=2) + "\n")
+
+
+def layer_json(rows: list[LayerCheck], values: dict[str, tuple[str | None, str]]) -> list[dict]:
+    return [{
+        "name": r.name,
+        "documented": list(r.documented.shape) if r.documented else None,
+        "torch": list(r.measured.shape) if r.measured else None,
+        "onnx": list(r.onnx_shape) if r.onnx_shape is not None else None,
+        "onnx_value": values.get(r.name, (None, ""))[0],
+        "parameters": r.measured.params if r.measured else None,
+        "documented_parameters": r.documented.params if r.documented else None,
+        "ok": r.ok,
+        **({"note": values[r.name][1]} if values.get(r.name, (None, ""))[1] else {}),
+    } for r in rows]
+
+
+def print_parity(parity: dict) -> None:
+    for provider, r in parity["providers"].items():
+        verdict = "[green]ok[/]" if r["passed"] else "[red]FAILED[/]"
+        console.print(f"parity {provider} vs torch on {parity['images']:,} images ({parity['inputs']}): "
+                      f"max |diff| logits {r['max_abs_diff_logits']:.2e}, embedding {r['max_abs_diff_embedding']:.2e} "
+                      f"(limit {parity['tolerance']:.0e}), top-1 agreement {100 * r['top1_agreement']:.2f}% {verdict}",
+                      soft_wrap=True)
+
+
+def variants_table(rows: list[tuple[str, Path, int, float | None, dict]], fp32_accuracy: float | None) -> Table:
+    table = Table(title="exported models", title_justify="left")
+    for col, justify in (("precision", "left"), ("file", "left"), ("size", "right"), ("test accuracy", "right"),
+                         ("vs fp32", "right"), ("top-1 agreement with fp32", "right")):
+        table.add_column(col, justify=justify)
+    for precision, path, size, acc, vs in rows:
+        delta = "" if acc is None or fp32_accuracy is None or precision == "fp32" else f"{100 * (acc - fp32_accuracy):+.2f} pts"
+        agree = f"{100 * vs['top1_agreement']:.2f}%" if vs else ""
+        table.add_row(precision, str(path), fmt_bytes(size), "-" if acc is None else f"{100 * acc:.2f}%", delta, agree)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def verify_layers(net: nn.Sequential, checkpoint: dict, opset: int, title: str) -> tuple[WithEmbedding, onnx.ModelProto, list[LayerCheck], dict]:
+    """Steps 1-4: the documented table in torch and in the exported graph; prints the table, raises on a mismatch."""
+    arch = get_arch(checkpoint["arch"])
+    rows = check_layers(net, arch, checkpoint["num_classes"])
+    model = WithEmbedding(net, arch.embedding).eval()
+    graph = export_graph(model, tuple(checkpoint["input_shape"]), opset)
+    identities = {name for name, m in net.named_children() if isinstance(m, IDENTITY_MODULES)}
+    values = name_layer_values(graph, [r.name for r in rows if r.documented], identities)
+    proto = to_proto(graph, opset, arch.name)
+    check_onnx_shapes(proto, rows, values)
+    console.print(layer_table(rows, title, onnx=True))
+    for name, (value, note) in values.items():
+        if note:
+            console.print(f"  {name}: {note} ({value or '?'})")
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise CnnedgeError(f"{arch.name}: {len(bad)} layer(s) disagree with the documented table, nothing written: "
+                           + "; ".join(f"{r.name}: {', '.join(r.problems())}" for r in bad), ExitCode.CHECK_FAILED)
+    check_model(proto, "fp32 model")
+    return model, proto, rows, values
+
+
+def make_variants(proto: onnx.ModelProto, quantize: list[str], paths: dict[str, Path], train: Images | None,
+                  evaluation: Images, fp32_outputs, fp32_accuracy: float | None) -> list[Variant]:
+    """Step 6 for fp16 and int8: convert, check, and measure against the fp32 model."""
+    variants = []
+    for precision in quantize:
+        converted = quantize_fp16(proto) if precision == "fp16" else quantize_int8(proto, train.x)
+        variant = Variant(precision, paths[precision], converted)
+        measure_variant(variant, evaluation, fp32_outputs)
+        if precision == "int8":
+            variant.report["settings"] = {**INT8_SETTINGS, "calibration_images": len(train.x), "calibration_source": train.source}
+            if fp32_accuracy is not None:
+                loss = fp32_accuracy - variant.test_accuracy
+                variant.report["goal_met"] = loss <= INT8_GOAL
+                if loss > INT8_GOAL:
+                    warn(f"int8 loses {100 * loss:.2f} points of test accuracy (goal: at most {100 * INT8_GOAL:.1f})")
+        variants.append(variant)
+    return variants
+
+
+def run(config: ExportConfig) -> dict:
+    """Export, verify and write; returns the report written to <out stem>.json."""
+    quantize = [q for q in dict.fromkeys(config.quantize) if q != "none"]
+    for q in quantize:
+        if q not in QUANTIZATIONS:
+            raise CnnedgeError(f"unknown --quantize {q!r}; choose from: {', '.join(QUANTIZATIONS)}")
+    if not MIN_OPSET <= config.opset <= onnx.defs.onnx_opset_version():
+        raise CnnedgeError(f"--opset {config.opset}: choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()}")
+    if config.calibration_images < 1:
+        raise CnnedgeError("--calibration-images must be at least 1")
+    checkpoint = load_checkpoint(config.checkpoint)
+    sha256 = file_sha256(config.checkpoint)
+    paths = output_paths(config, quantize)
+    test, train, no_test = load_images(checkpoint, config, need_train="int8" in quantize)
+
+    # 1-4: the documented table, in torch and in the graph
+    net = model_from_checkpoint(checkpoint, config.checkpoint)
+    title = f"{checkpoint['arch']} -> {paths['fp32']}: documented vs torch vs onnx"
+    model, proto, rows, values = verify_layers(net, checkpoint, config.opset, title)
+
+    # 5: parity
+    model_bytes = proto.SerializeToString()
+    probe = parity_inputs(test, tuple(checkpoint["input_shape"]), config.parity_images)
+    if probe.y is None:
+        warn(f"parity on generated inputs: {no_test or 'fewer than 1,000 test images'}")
+    parity = check_parity(model, model_bytes, probe)
+    print_parity(parity)
+    cpu = parity["providers"][CPU]
+    if not parity["passed"]:
+        raise CnnedgeError(f"ONNX parity failed: max |diff| logits {cpu['max_abs_diff_logits']:.2e}, embedding "
+                           f"{cpu['max_abs_diff_embedding']:.2e} (limit {TOLERANCE:.0e}), top-1 agreement "
+                           f"{100 * cpu['top1_agreement']:.2f}% on {parity['inputs']}; nothing written", ExitCode.CHECK_FAILED)
+    if CUDA in parity["providers"] and not parity["providers"][CUDA]["passed"]:
+        warn(f"CUDA parity is outside the fp32 limits (CPU passed): {parity['providers'][CUDA]}")
+
+    # 6: accuracy and variants
+    evaluation = test if test is not None else probe  # the variants are compared with fp32 on these
+    fp32_outputs = run_onnx(session(model_bytes), evaluation.x)
+    fp32_accuracy = top1_accuracy(fp32_outputs[0], test.y) if test is not None else None
+    variants = make_variants(proto, quantize, paths, train, evaluation, fp32_outputs, fp32_accuracy)
+
+    # 7-8: metadata and files
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    own = (checkpoint.get("metrics") or {}).get("test_accuracy")  # the checkpoint's figure, from training
+    models = {"fp32": (paths["fp32"], add_metadata(proto, checkpoint, "fp32", own if test is None else fp32_accuracy, sha256, date))}
+    for v in variants:
+        models[v.precision] = (v.path, add_metadata(v.proto, checkpoint, v.precision, v.test_accuracy, sha256, date))
+    report = {
+        "checkpoint": str(config.checkpoint), "checkpoint_sha256": sha256, "arch": checkpoint["arch"], "opset": config.opset,
+        "input": INPUT_NAME, "outputs": [LOGITS_NAME, EMBEDDING_NAME], "embedding_layer": model.embedding,
+        "layers": layer_json(rows, values), "parity": parity,
+        "accuracy": None if test is None else {
+            "split": test.source, "images": len(test.x), "checkpoint": own,
+            "fp32": fp32_accuracy, **{v.precision: v.test_accuracy for v in variants},
+        },
+        "providers_tested": list(parity["providers"]),
+        "variants": {v.precision: v.report for v in variants},
+        "cnnedge_version": __version__, "export_date": date,
+    }
+    write_outputs(models, paths["report"], report)
+    sizes = {k: f["size_bytes"] for k, f in report["files"].items()}
+    console.print(variants_table(
+        [("fp32", paths["fp32"], sizes["fp32"], fp32_accuracy, {})]
+        + [(v.precision, v.path, sizes[v.precision], v.test_accuracy, v.report["vs_fp32"]) for v in variants],
+        fp32_accuracy))
+    console.print("wrote " + ", ".join([*(str(p) for p, _ in models.values()), str(paths["report"])]))
+    return report
