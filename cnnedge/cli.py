@@ -152,3 +152,24 @@ def export(
     run(ExportConfig(checkpoint=str(checkpoint), out=str(out) if out else None, opset=opset,
                      quantize=tuple(quantize or ()), calibration_images=calibration_images,
                      data_dir=str(data_dir) if data_dir else None, force=force))
+
+
+# --------------------------------------------------------------------------------------------- inspect
+
+
+@app.command()
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="A cnnedge checkpoint (.pt)."),
+    image: Optional[Path] = typer.Option(None, help="Also show the filters applied to this image."),
+    layer: Optional[str] = typer.Option(None, help="Conv layer to show [default: the first]."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the PNGs [default: <checkpoint stem>_inspect beside it]."),
+) -> None:
+    """Filters of a conv layer as a PNG grid, and what they do to an image (cv2.filter2D vs the network)."""
+    from cnnedge.inspection import inspect as run_inspect
+    from cnnedge.report import console
+
+    written, difference = run_inspect(checkpoint, image, layer, out)
+    if difference is not None:
+        console.print(f"cv2.filter2D reproduces the network's layer output to within {difference:.1e}")
+    for path in written:
+        console.print(f"wrote {path}")
