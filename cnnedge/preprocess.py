@@ -1,95 +1,628 @@
 """OpenCV preprocessing: turn what users photograph or draw into what the network was trained on.
 
 Torch-free: predict, webcam and enroll run on onnxruntime, OpenCV and numpy alone.
-Modes: "digit" (MNIST convention: white strokes on black, the symbol's box fitted into 20x20 and
-centred by centre of mass in 28x28) and "fit" (the object fills the frame, as in Fashion-MNIST).
+
+Modes (stored in the ONNX metadata as `preprocess`):
+
+- "digit": the MNIST convention. White strokes on black, the symbol's bounding box fitted into 20x20
+  keeping its aspect ratio, anti-aliased, placed in 28x28 so that its centre of mass is at the centre.
+- "fit": the object fills the frame (Fashion-MNIST): white-on-black, the box fitted into the whole frame.
+
+The digit pipeline (`prepare`, or `analyse` for the box and the details), on uint8 grey:
+
+1. Decode anything (8/16-bit, grey/BGR/BGRA); transparent pixels are flattened onto white paper (onto
+   black when the visible ink is light); the contrast is stretched (a 12-bit sensor in a 16-bit file).
+2. An input that already looks like MNIST (size x size, dark border, bright strokes) passes through as is.
+3. Work at <= 512 px (ink-preserving min/max pooling when shrinking, so 1 px pen lines survive).
+4. Polarity: a flat digital background decides directly; photos by the strongest deviations from local
+   medians at three scales, with a prior for dark ink (light ink must win clearly, with a dark surround).
+5. Illumination: the background is a morphological closing wider than the strokes; the ink is the
+   relative darkness under it (a division, floored so the dark table beyond a page does not amplify its
+   noise). This removes gradients, vignetting and shadows. Fat strokes widen the window until they fill.
+6. The rules of ruled or squared paper are removed (three or more thin lines across the image).
+7. Hysteresis threshold set from the image's own noise (MAD) and ink contrast.
+8. Connected components: specks (compact blobs) and page edges (structures running along the border in a
+   band, the table beyond the sheet) are ignored unless nothing else is there (a digit cut tight touches
+   the border too); the digit's parts (a 5's bar, a broken stroke) are merged by proximity.
+9. Stroke width normalisation: the stroke width is measured (area / half perimeter), the shape is
+   rebuilt at 4x the output scale and thickened or thinned with distance transforms to MNIST's width
+   (~11% of the box), so a 1 px line on a 1000 px canvas and a fat marker both look like MNIST pens.
+10. Fit the box into 20x20 (INTER_AREA: grey-level anti-aliasing like MNIST) and shift the centre of mass
+   to the centre of the 28x28 field.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MODES = ("digit", "fit")
+INK = ("auto", "dark", "light")
+
+WORK_MAX = 512  # long side of the working resolution
+SUPERSAMPLE = 4  # the shape is rebuilt at this multiple of the output scale before the final INTER_AREA
+STROKE_RATIO = 0.115  # MNIST's median stroke width / box side (2.25 px of 20, measured on the test set)
+MAX_PIXELS = 80_000_000  # refuse decompression bombs
 
 
 class ImageError(Exception):
     """An input that cannot be turned into a network input; the message names the reason."""
 
 
+@dataclass
+class Prepared:
+    """What `analyse` found: the network input and where the symbol was."""
+
+    input: np.ndarray  # float32 (size, size) in [0, 1], white symbol on black
+    box: tuple[int, int, int, int] | None  # (x, y, w, h) of the symbol in the given image's pixels
+    light_ink: bool  # the symbol was lighter than its background (white on black, chalk on a board)
+    passthrough: bool  # already MNIST-like: used as is
+    stroke_width: float = 0.0  # measured stroke width in input pixels (0 when not measured)
+
+
+# ----------------------------------------------------------------------------------------- decode
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode a file as is (8/16-bit, grey, BGR or BGRA). np.fromfile copes with any file name."""
+    """Decode a file as is (8/16-bit, grey, BGR or BGRA). Any file name works (no cv2.imread)."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        with open(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise ImageError("is a directory") from None
     except OSError as e:
         raise ImageError(e.strerror or str(e)) from None
-    if data.size == 0:
+    return decode_image(data)
+
+
+def decode_image(data: bytes | np.ndarray) -> np.ndarray:
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if buf.size == 0:
         raise ImageError("empty file")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise ImageError(f"not a decodable image ({str(e).strip().splitlines()[-1][:80]})") from None
     if image is None:
         raise ImageError("not a decodable image")
+    if image.size == 0:
+        raise ImageError("empty image")
+    if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
+        raise ImageError(f"unsupported channel count {image.shape[2]}")
     return image
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
-    """Any decoded image -> float32 grey in [0, 1]; transparent pixels become white paper."""
+    """Any decoded image -> float32 grey in [0, 1]. Transparent pixels become white paper, or black when
+    the visible ink is light (white strokes on a transparent layer)."""
     img = np.asarray(image)
-    if img.dtype == np.uint16:
-        img = img.astype(np.float32) / 65535.0
-    elif img.dtype == np.uint8:
-        img = img.astype(np.float32) / 255.0
+    if img.ndim not in (2, 3) or img.size == 0:
+        raise ImageError(f"unsupported image shape {img.shape}")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.dtype == np.uint8:
+        scale = 1 / 255.0
+    elif img.dtype == np.uint16:
+        scale = 1 / 65535.0
     else:
         img = np.nan_to_num(img.astype(np.float32))
         lo, hi = float(img.min()), float(img.max())
-        img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-    if img.ndim == 3 and img.shape[2] == 4:
-        alpha = img[:, :, 3:4]
-        img = img[:, :, :3] * alpha + (1.0 - alpha)
-    if img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    elif img.ndim == 3:
-        img = img[:, :, 0]
-    return img
+        if 0.0 <= lo and hi <= 1.0:
+            scale = 1.0
+        else:
+            img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+            scale = 1.0
+    if img.ndim == 2:
+        return img.astype(np.float32) * np.float32(scale) if scale != 1.0 or img.dtype != np.float32 else img
+    colour = img[:, :, :3]
+    if img.shape[2] == 4:
+        alpha = img[:, :, 3].astype(np.float32) * np.float32(scale)
+        grey = cv2.cvtColor(colour.astype(np.float32) * np.float32(scale), cv2.COLOR_BGR2GRAY)
+        if float(alpha.min()) > 0.99:  # opaque: the alpha channel says nothing
+            return grey
+        visible = alpha > 0.5
+        light_ink = visible.any() and float(grey[visible].mean()) > 0.6 and visible.mean() < 0.5
+        paper = 0.0 if light_ink else 1.0
+        return grey * alpha + paper * (1.0 - alpha)
+    return cv2.cvtColor(colour.astype(np.float32) * np.float32(scale), cv2.COLOR_BGR2GRAY)
 
 
-def _fit_into(canvas: int, box: int, img: np.ndarray) -> np.ndarray:
-    h, w = img.shape
-    scale = box / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-    out = np.zeros((canvas, canvas), np.float32)
-    y, x = (canvas - nh) // 2, (canvas - nw) // 2
-    out[y : y + nh, x : x + nw] = small
+# -------------------------------------------------------------------------------------- helpers
+
+
+def _odd(n: float) -> int:
+    n = max(3, int(round(n)))
+    return n if n % 2 else n + 1
+
+
+def _fit_box(size: int) -> int:
+    return max(1, round(size * 20 / 28))
+
+
+def _place_by_mass(patch: np.ndarray, size: int) -> np.ndarray:
+    """Put `patch` into a size x size field so its centre of mass lands on the centre pixel (MNIST: 14)."""
+    out = np.zeros((size, size), np.float32)
+    m = cv2.moments(patch)
+    h, w = patch.shape
+    if m["m00"] <= 1e-6:
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+    else:
+        cx, cy = m["m10"] / m["m00"], m["m01"] / m["m00"]
+    x0, y0 = int(round(size / 2 - cx)), int(round(size / 2 - cy))
+    ya, xa, yb, xb = max(0, y0), max(0, x0), min(size, y0 + h), min(size, x0 + w)
+    if yb > ya and xb > xa:
+        out[ya:yb, xa:xb] = patch[ya - y0: yb - y0, xa - x0: xb - x0]
     return out
 
 
-def _center_of_mass(img: np.ndarray) -> np.ndarray:
-    m = cv2.moments(img)
-    if m["m00"] <= 0:
-        return img
-    cy, cx = m["m01"] / m["m00"], m["m10"] / m["m00"]
-    h, w = img.shape
-    shift = np.float32([[1, 0, w / 2 - cx], [0, 1, h / 2 - cy]])
-    return cv2.warpAffine(img, shift, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+def mnist_like(batch: np.ndarray) -> np.ndarray:
+    """For a stack (N, size, size) of grey images in [0, 1]: which ones already are MNIST-style network
+    inputs (dark border, a bright symbol of reasonable extent) and should be used as they are.
+    Vectorised: predict checks a whole chunk of 28x28 files at once."""
+    n = batch.shape[0]
+    flat = batch.reshape(n, -1)
+    peak = flat.max(axis=1)
+    ring = np.concatenate([batch[:, :2].reshape(n, -1), batch[:, -2:].reshape(n, -1),
+                           batch[:, 2:-2, :2].reshape(n, -1), batch[:, 2:-2, -2:].reshape(n, -1)], axis=1)
+    half = 0.5 * peak[:, None]
+    ring_dark = np.median(ring, axis=1) <= 0.1 * peak
+    ring_clear = (ring > half).mean(axis=1) <= 0.05
+    ink = (flat > half).mean(axis=1)
+    return (peak >= 0.3) & ring_dark & ring_clear & (ink >= 0.01) & (ink <= 0.5)
+
+
+def as_network_input(batch: np.ndarray) -> np.ndarray:
+    """MNIST-like images used as they are; only a dim one is stretched so that its peak is 1, like MNIST's."""
+    peak = batch.reshape(batch.shape[0], -1).max(axis=1)
+    scale = np.where(peak < 0.98, 1.0 / np.maximum(peak, 1e-6), 1.0).astype(np.float32)
+    return batch * scale[:, None, None]
+
+
+def _ink_extent(img: np.ndarray, thr: float) -> tuple[int, int, int, int] | None:
+    pts = cv2.findNonZero((img > thr).astype(np.uint8))
+    return None if pts is None else cv2.boundingRect(pts)
+
+
+# ---------------------------------------------------------------------------------------- digits
+
+
+def _quantile(hist: np.ndarray, q: float) -> int:
+    """The bin at quantile q of a histogram (statistics on uint8 images without sorting them)."""
+    cdf = np.cumsum(hist)
+    return int(np.searchsorted(cdf, q * cdf[-1]))
+
+
+def _median_vote(thumb: np.ndarray, frac: float) -> float:
+    """In [-1, 1], positive when the strongest deviations of a uint8 image from its local median are
+    lighter than it."""
+    k = min(_odd(max(5, max(thumb.shape) / frac)), 255)
+    r = thumb.astype(np.int16) - cv2.medianBlur(thumb, k)
+    hist = np.bincount((r + 255).ravel(), minlength=511)  # deviations -255..255
+    values = np.arange(-255, 256)
+    peak = max(_quantile(hist, 0.998) - 255, 255 - _quantile(hist, 0.002))
+    mad = _quantile(np.bincount(np.abs(values), weights=hist, minlength=256), 0.5)
+    level = max(4 * 1.4826 * mad + 0.25, 0.35 * peak)
+    light = float((np.maximum(values - level, 0) * hist).sum())
+    dark = float((np.maximum(-values - level, 0) * hist).sum())
+    return (light - dark) / (light + dark) if light + dark > 0 else 0.0
+
+
+def _flat_background(gray: np.ndarray) -> tuple[bool, bool | None]:
+    """(flat, light) for a uint8 image. Flat: a digital drawing whose background is one grey level (no
+    illumination to correct). Light: whether the pixels away from the dominant level are lighter than it
+    (None when that level is not dominant enough to tell)."""
+    H, W = gray.shape
+    step = max(1, max(H, W) // 256)
+    hist = np.bincount(gray[::step, ::step].ravel(), minlength=256)
+    mode = int(hist.argmax())
+    at_mode = hist[max(0, mode - 2): mode + 3].sum()
+    if hist[max(0, mode - 25): mode + 26].sum() < 0.5 * hist.sum():
+        return False, None  # the commonest level is not the majority: uniform ink (a fat marker cut tight)
+    flat = bool(at_mode >= 0.4 * hist.sum())
+    if at_mode >= 0.3 * hist.sum():
+        levels = np.arange(256) - mode
+        light = int((np.maximum(levels - 25, 0) * hist).sum())
+        dark = int((np.maximum(-levels - 25, 0) * hist).sum())
+        if light != dark:
+            return flat, light > dark
+    return flat, None
+
+
+def _polarity(gray: np.ndarray) -> bool:
+    """True when the ink of a photo (uint8) is lighter than its background.
+
+    Decided by the strongest deviations from a local median (the median ignores thin strokes of either
+    polarity, and unlike a morphological opening it does not mistake the paper between a digit and the
+    page edge for a light stroke), voted over three window sizes so that both fat marker strokes and a
+    page edge near the digit are handled."""
+    H, W = gray.shape
+    f = min(1.0, 96 / max(H, W))
+    thumb = cv2.resize(gray, (max(1, round(W * f)), max(1, round(H * f))), interpolation=cv2.INTER_AREA) if f < 1 else gray
+    vote = sum(_median_vote(thumb, frac) for frac in (3, 5, 8))
+    # Dark ink on light paper is by far the commoner case, so light ink must win the vote clearly and,
+    # unless it wins overwhelmingly, be surrounded by a dark border. (Light-ink photos vote 0.7 to 3 with
+    # dark borders; fat dark strokes cut tight at the border can vote up to about 1.8, with light borders.)
+    if vote <= 0.6:
+        return False
+    if vote > 2.0:
+        return True
+    threshold, _ = cv2.threshold(thumb, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    ring = np.concatenate([thumb[0], thumb[-1], thumb[1:-1, 0], thumb[1:-1, -1]])
+    return bool((ring < threshold).mean() > 0.5)
+
+
+def _normalised_ink(g: np.ndarray, k: int) -> np.ndarray:
+    """g: uint8, dark ink on a light background. Returns uint8 ink: 255 x the relative darkness under the
+    local background (a closing wider than the strokes). Dividing by the background removes gradients and
+    shadows; the floor keeps dark regions (the table beyond the page) from amplifying their noise."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (k, k))
+    bg = cv2.max(cv2.morphologyEx(g, cv2.MORPH_CLOSE, kernel), g)
+    floor = max(1, _quantile(np.bincount(bg[::3, ::3].ravel(), minlength=256), 0.95) // 2)
+    return cv2.divide(cv2.subtract(bg, g), cv2.max(bg, floor), scale=255)
+
+
+def _rules(ink: np.ndarray, horizontal: bool, threshold: float) -> np.ndarray | None:
+    """The opened ink of the printed rules in one direction, or None when there are fewer than three."""
+    H, W = ink.shape
+    length = W if horizontal else H
+    n = max(5, length // 12)  # short enough to fit along a slightly tilted thin line
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (n, 1) if horizontal else (1, n))
+    opened = cv2.morphologyEx(ink, cv2.MORPH_OPEN, kernel)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((opened > threshold).astype(np.uint8), connectivity=8)
+    extent = stats[:, cv2.CC_STAT_WIDTH if horizontal else cv2.CC_STAT_HEIGHT]
+    area = stats[:, cv2.CC_STAT_AREA]
+    # Printed rules cross (nearly) the whole image and are thin (area / length, which tilt does not change,
+    # nor a pen stroke touching the rule here and there); a page has several of them.
+    thin = area <= (0.02 * length + 2) * extent
+    lines = [i for i in range(1, count) if extent[i] >= 0.7 * length and thin[i]]
+    if len(lines) < 3:
+        return None
+    # On a ruled page, also the pieces of rules that fade out somewhere: long, thin, running off the page.
+    start = stats[:, cv2.CC_STAT_LEFT if horizontal else cv2.CC_STAT_TOP]
+    lines += [i for i in range(1, count) if i not in lines and thin[i] and extent[i] >= 0.25 * length
+              and (start[i] <= 1 or start[i] + extent[i] >= length - 1)]
+    return np.where(np.isin(labels, lines), opened, 0).astype(np.uint8)
+
+
+def _remove_ruling(ink: np.ndarray) -> np.ndarray:
+    """Subtract the lines of ruled or squared paper from the uint8 ink: three or more thin straight lines
+    that cross nearly the whole image in the same direction (a digit's own straight strokes never make
+    three). Only what is no darker than a typical rule is removed, so a pen stroke on a rule survives."""
+    level = _quantile(np.bincount(ink[::2, ::2].ravel(), minlength=256), 0.995)
+    if level < 20:
+        return ink
+    # Look at half resolution first (4x cheaper); most images have no rules at all.
+    small = cv2.resize(ink, (max(1, ink.shape[1] // 2), max(1, ink.shape[0] // 2)), interpolation=cv2.INTER_AREA)
+    out = ink
+    for horizontal in (True, False):
+        if _rules(small, horizontal, 0.1 * level) is not None:
+            rule = _rules(ink, horizontal, 0.15 * level)
+            if rule is not None:
+                typical = _quantile(np.bincount(rule[rule > 0], minlength=256), 0.5)
+                near = cv2.dilate((rule > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+                out = out.copy() if out is ink else out
+                out[near & (ink <= 1.6 * typical)] = 0
+    return out
+
+
+def _stroke_width(mask: np.ndarray) -> float:
+    """Mean stroke width in pixels of a binary mask: area / half the boundary length."""
+    area = int(cv2.countNonZero(mask))
+    if area == 0:
+        return 0.0
+    contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    perimeter = sum(cv2.arcLength(c, True) for c in contours)
+    return float(area / max(perimeter / 2, 1.0)) if perimeter > 0 else 1.0
+
+
+def _segment(ink: np.ndarray):
+    """Hysteresis threshold on the uint8 ink, set from the image's own noise (median absolute deviation)
+    and ink contrast -> (labels, stats, kept component ids)."""
+    hist = np.bincount(ink[::2, ::2].ravel(), minlength=256)
+    med = _quantile(hist, 0.5)
+    sigma = 1.4826 * _quantile(np.bincount(np.abs(np.arange(256) - med), weights=hist, minlength=256), 0.5) + 0.5
+    above = hist.copy()
+    above[: min(255, int(med + 6 * sigma)) + 1] = 0
+    level = _quantile(above, 0.95) if above.sum() >= 3 else 0
+    if level < 20:
+        raise ImageError("no symbol found (blank or featureless image)")
+    strong = max(med + 6 * sigma, 0.45 * level, 15)
+    weak = max(med + 3 * sigma, 0.22 * level, 10)
+    mask = (ink > weak).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    seeds = np.bincount(labels[ink > strong], minlength=n)
+    return labels, stats, [i for i in range(1, n) if seeds[i] > 0]
+
+
+def _elongation(mask: np.ndarray) -> float:
+    """Perimeter^2 / (4 area): about 3 for a blob, the length/width ratio for a stroke, more for a ring."""
+    area = int(cv2.countNonZero(mask))
+    if area == 0:
+        return 0.0
+    contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    perimeter = sum(cv2.arcLength(c, True) for c in contours) + 4  # a 1-pixel speck has a perimeter of 0
+    return perimeter * perimeter / (4 * area)
+
+
+def _select(labels: np.ndarray, stats: np.ndarray, keep: list[int], shape: tuple[int, int]) -> tuple[list[int], float]:
+    """The components that make up the symbol, and its stroke width.
+
+    A main component (large, stroke-like, central, off the border) plus the parts close to it (a 5's
+    bar, a broken stroke). Specks (compact blobs), far components, page edges (what runs along the
+    border: the table beyond the sheet, its shadow, even when texture breaks it into fragments) stay
+    out. A component along the border is only taken for a page edge when something else substantial
+    is left: in a tight crop the digit itself touches the border."""
+    H, W = shape
+    if not keep:
+        return [], 0.0
+    area = stats[:, cv2.CC_STAT_AREA]
+    cache: dict[int, float] = {}
+
+    def elongation(c):
+        if c not in cache:
+            x, y, w, h = stats[c, :4]
+            cache[c] = _elongation((labels[y: y + h, x: x + w] == c).astype(np.uint8))
+        return cache[c]
+
+    def touches(c):
+        x, y, w, h = stats[c, :4]
+        return x <= 0 or y <= 0 or x + w >= W or y + h >= H
+
+    z = _odd(0.03 * max(H, W))
+    edges: set[int] = set()
+    border = [c for c in keep if stats[c, 0] <= z or stats[c, 1] <= z or stats[c, 0] + stats[c, 2] >= W - z
+              or stats[c, 1] + stats[c, 3] >= H - z]
+    if border:
+        rect = cv2.getStructuringElement(cv2.MORPH_RECT, (z, z))
+        grouped = cv2.morphologyEx(np.isin(labels, border).astype(np.uint8), cv2.MORPH_CLOSE, rect)
+        n, glabels, gstats, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
+        along = []
+        dy, dx = int(0.25 * H), int(0.25 * W)
+        for j in range(1, n):
+            m = glabels == j
+            # How much of each side of the image the blob runs along: top, bottom, left, right.
+            runs = (np.count_nonzero(m[:z].any(axis=0)) >= 0.5 * W, np.count_nonzero(m[H - z:].any(axis=0)) >= 0.5 * W,
+                    np.count_nonzero(m[:, :z].any(axis=1)) >= 0.5 * H, np.count_nonzero(m[:, W - z:].any(axis=1)) >= 0.5 * H)
+            if not any(runs) or sum(runs) >= 3:  # along three sides or more: a digit cut tight, not a page edge
+                continue
+            # A page edge stays in a band along the sides it runs along; a digit reaches into the image.
+            band = np.zeros((H, W), bool)
+            for run, region in zip(runs, (np.s_[:dy], np.s_[H - dy:], np.s_[:, :dx], np.s_[:, W - dx:])):
+                if run:
+                    band[region] = True
+            if np.count_nonzero(band & m) >= 0.9 * gstats[j, cv2.CC_STAT_AREA]:
+                along.append(j)
+        if along:
+            zone = cv2.dilate(np.isin(glabels, along).astype(np.uint8), rect)
+            inside = np.bincount(labels[zone > 0], minlength=len(stats))
+            edges = {c for c in keep if inside[c] >= 0.5 * area[c]}
+    rest = [c for c in keep if c not in edges]
+    if not any(max(stats[c, 2], stats[c, 3]) >= 0.08 * min(H, W) and elongation(c) >= 4.5 for c in rest):
+        rest = list(keep)  # nothing but the border structure: it is the symbol (a tight crop)
+    biggest = max(area[c] for c in rest)
+    cands = [c for c in rest if area[c] >= max(3, 0.02 * biggest)]
+
+    def score(c):
+        x, y, w, h = stats[c, :4]
+        d = math.hypot((x + w / 2 - W / 2) / W, (y + h / 2 - H / 2) / H)
+        s = area[c] / (1 + 4 * d * d)
+        if touches(c):
+            s *= 0.3
+        if elongation(c) < 4.5:  # a blob, not a pen stroke
+            s *= 0.3
+        return s
+
+    main = max(cands, key=score)
+    x0, y0, w0, h0 = stats[main, :4]
+    sw = _stroke_width((labels[y0: y0 + h0, x0: x0 + w0] == main).astype(np.uint8))
+    chosen = {main}
+    box = [x0, y0, x0 + w0, y0 + h0]
+    changed = True
+    while changed:
+        changed = False
+        span = max(box[2] - box[0], box[3] - box[1])
+        for c in rest:
+            if c in chosen:
+                continue
+            x, y, w, h = stats[c, :4]
+            a = area[c]
+            gap = max(box[0] - (x + w), x - box[2], 0) + max(box[1] - (y + h), y - box[3], 0)
+            touching = gap <= max(2.0, 1.5 * sw) and a >= max(2.0, 0.005 * area[main])
+            near = (gap <= 0.25 * span and a >= 0.04 * area[main] and max(w, h) >= 2.5 * sw
+                    and elongation(c) >= 4.5 and not (touches(c) and not touches(main)))
+            if touching or near:
+                chosen.add(c)
+                box = [min(box[0], x), min(box[1], y), max(box[2], x + w), max(box[3], y + h)]
+                changed = True
+    return sorted(chosen), sw
+
+
+def _render(mask: np.ndarray, sw: float, size: int) -> np.ndarray:
+    """Binary symbol mask (cropped to its box) with stroke width `sw` -> MNIST-style size x size field."""
+    box = _fit_box(size)
+    big = box * SUPERSAMPLE
+    h, w = mask.shape
+    s = big / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    width = sw * s
+    if s < 1:
+        cov = cv2.resize(mask.astype(np.float32), (nw, nh), interpolation=cv2.INTER_AREA)
+        m = cov > min(0.5, 0.4 * width)
+        width = max(width, 1.0)
+    else:
+        m = cv2.resize(mask.astype(np.float32), (nw, nh), interpolation=cv2.INTER_LINEAR) > 0.5
+    target = STROKE_RATIO * big
+    grow = (target - width) / 2
+    pad = int(math.ceil(max(grow, 0))) + 2
+    m = cv2.copyMakeBorder(m.astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    if grow > 0.25:
+        dist = cv2.distanceTransform(1 - m, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        soft = np.clip(grow + 1 - dist, 0, 1)
+    elif grow < -0.5:
+        shrink = min(-grow, max(0.0, (width - 2) / 2))
+        dist = cv2.distanceTransform(m, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        soft = np.clip(dist - shrink, 0, 1)
+    else:
+        soft = m.astype(np.float32)
+    rect = _ink_extent(soft, 0.05)
+    if rect is None:
+        raise ImageError("no symbol found")
+    x, y, rw, rh = rect
+    soft = soft[y: y + rh, x: x + rw]
+    f = box / max(rw, rh)
+    fw, fh = max(1, round(rw * f)), max(1, round(rh * f))
+    patch = cv2.resize(soft, (fw, fh), interpolation=cv2.INTER_AREA)
+    peak = float(patch.max())
+    if peak > 0:
+        patch = np.clip(patch / peak, 0, 1)
+    return _place_by_mass(patch, size)
+
+
+def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat: bool):
+    """Find the symbol in a uint8 image assuming the given polarity. Returns (mask cropped to the symbol's
+    box, stroke width, box (x0, y0, x1, y1) in working pixels)."""
+    wh, ww = work.shape
+    # The background window: larger than any stroke, small enough to follow shadows. A flat digital
+    # background has no shadows to follow, and fat marker strokes need the widest window.
+    k = _odd(max(wh, ww) / 2) if flat else _odd(max(7, min(wh, ww) / 6))
+    if scale < 0.7:
+        # Shrinking averages thin strokes away: pool the ink first (min for dark ink, max for light).
+        f = int(math.ceil(1 / scale))
+        kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (f, f))
+        pooled = cv2.dilate(gray, kernel) if light else cv2.erode(gray, kernel)
+        work = cv2.resize(pooled, (ww, wh), interpolation=cv2.INTER_AREA)
+    g = cv2.bitwise_not(work) if light else work
+    g = cv2.GaussianBlur(g, (3, 3), 0.6) if min(wh, ww) >= 24 else g
+
+    widest = max(wh, ww) if flat else _odd(min(wh, ww) / 2)  # wider would no longer follow the lighting
+    found = None
+    for _ in range(4):
+        try:
+            ink = _remove_ruling(_normalised_ink(g, k))
+            labels, stats, keep = _segment(ink)
+        except ImageError:
+            if found is None:
+                raise
+            break  # the wider window saw the lighting as ink: keep what the narrower one found
+        chosen, sw = _select(labels, stats, keep, (wh, ww))
+        found = labels, stats, chosen
+        if 4 * sw <= k or k >= widest:
+            break
+        # Strokes too fat for the background window (only their edges were found, a crossing of fat
+        # strokes left a hole): estimate the background again with a wider window.
+        k = _odd(min(max(5 * sw + 1, 1.5 * k), widest))
+    labels, stats, chosen = found
+    if not chosen:
+        raise ImageError("no symbol found")
+    x0 = min(stats[c, 0] for c in chosen)
+    y0 = min(stats[c, 1] for c in chosen)
+    x1 = max(stats[c, 0] + stats[c, 2] for c in chosen)
+    y1 = max(stats[c, 1] + stats[c, 3] for c in chosen)
+    crop = np.isin(labels[y0:y1, x0:x1], chosen).astype(np.uint8)
+    return crop, _stroke_width(crop), (x0, y0, x1, y1)
+
+
+def _gray_u8(image: np.ndarray) -> np.ndarray:
+    """Any decoded image -> uint8 grey, contrast stretched so that its brightest pixel is white (a 12-bit
+    sensor in a 16-bit file, or a dim photo, uses the full range). 8-bit input skips the float detour."""
+    if image.dtype == np.uint8 and (image.ndim == 2 or image.shape[2] in (1, 3)):
+        g = image if image.ndim == 2 else (image[:, :, 0] if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+        peak = int(g.max())
+        return g if peak >= 200 or peak == 0 else cv2.convertScaleAbs(g, alpha=255.0 / peak)
+    g = to_gray(image)
+    peak = float(g.max())
+    return cv2.convertScaleAbs(g, alpha=255.0 / peak if peak > 0 else 255.0)
+
+
+def _digit(image: np.ndarray, size: int, ink: str = "auto") -> Prepared:
+    H, W = image.shape[:2]
+    if (H, W) == (size, size):
+        gray = to_gray(image)
+        for light_ink, candidate in ((True, gray), (False, 1.0 - gray)):
+            if mnist_like(candidate[None])[0]:
+                return Prepared(as_network_input(candidate[None])[0], (0, 0, W, H), light_ink, True)
+    gray = _gray_u8(image)
+    scale = min(1.0, WORK_MAX / max(H, W))
+    if scale < 1.0:
+        work = cv2.resize(gray, (max(1, round(W * scale)), max(1, round(H * scale))), interpolation=cv2.INTER_AREA)
+    else:
+        work = gray
+    flat, light = _flat_background(work)
+    if ink != "auto":  # the caller knows (a video of a page)
+        light = ink == "light"
+    elif light is None:
+        light = _polarity(work)
+    crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat)
+    out = _render(crop, sw, size)
+    inv_scale = 1.0 / scale
+    box = (int(x0 * inv_scale), int(y0 * inv_scale), int(math.ceil((x1 - x0) * inv_scale)),
+           int(math.ceil((y1 - y0) * inv_scale)))
+    return Prepared(out, box, light, False, sw * inv_scale)
+
+
+def _fit(gray: np.ndarray, size: int) -> Prepared:
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    light_bg = float(np.median(border)) > 0.5
+    ink = 1.0 - gray if light_bg else gray
+    u8 = np.clip(ink * 255 + 0.5, 0, 255).astype(np.uint8)
+    _, mask = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    rect = cv2.boundingRect(cv2.findNonZero(mask)) if cv2.countNonZero(mask) else (0, 0, gray.shape[1], gray.shape[0])
+    x, y, w, h = rect
+    crop = ink[y: y + h, x: x + w]
+    f = size / max(w, h)
+    nw, nh = max(1, round(w * f)), max(1, round(h * f))
+    small = cv2.resize(crop, (nw, nh), interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+    out = np.zeros((size, size), np.float32)
+    oy, ox = (size - nh) // 2, (size - nw) // 2
+    out[oy: oy + nh, ox: ox + nw] = small
+    return Prepared(out, rect, not light_bg, False)
+
+
+# ------------------------------------------------------------------------------------------- API
+
+
+def analyse(image: np.ndarray, mode: str = "digit", size: int = 28,
+            roi: tuple[int, int, int, int] | None = None, ink: str = "auto") -> Prepared:
+    """Find the symbol in a decoded image (grey, BGR or BGRA; 8/16-bit or float), optionally only inside
+    `roi` = (x, y, w, h), and return the network input with the symbol's box in image coordinates.
+    `ink` is "auto" (detect the polarity), "dark" (ink darker than the paper) or "light".
+
+    Raises ImageError when there is nothing to classify (blank image, empty ROI)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {', '.join(MODES)}")
+    if ink not in INK:
+        raise ValueError(f"unknown ink {ink!r}; choose one of {', '.join(INK)}")
+    img = np.asarray(image)
+    if img.ndim < 2 or img.shape[0] < 1 or img.shape[1] < 1:
+        raise ImageError("empty image")
+    if img.shape[0] * img.shape[1] > MAX_PIXELS:
+        raise ImageError(f"{img.shape[1]}x{img.shape[0]} pixels is too large")
+    ox = oy = 0
+    if roi is not None:
+        x, y, w, h = (int(v) for v in roi)
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(img.shape[1], x + w), min(img.shape[0], y + h)
+        if x1 <= x0 or y1 <= y0:
+            raise ImageError("empty region of interest")
+        img, ox, oy = img[y0:y1, x0:x1], x0, y0
+    result = _digit(img, size, ink) if mode == "digit" else _fit(to_gray(img), size)
+    if result.box is not None and (ox or oy):
+        bx, by, bw, bh = result.box
+        result.box = (bx + ox, by + oy, bw, bh)
+    return result
+
+
+def prepare(image: np.ndarray, mode: str = "digit", size: int = 28,
+            roi: tuple[int, int, int, int] | None = None, ink: str = "auto") -> np.ndarray:
+    """Decoded image (or a video frame, optionally an ROI of it) -> float32 (size, size) in [0, 1]."""
+    return analyse(image, mode, size, roi, ink).input
 
 
 def to_network_input(image: np.ndarray, mode: str = "digit", size: int = 28) -> np.ndarray:
-    """Decoded image -> float32 (size, size) in [0, 1], white symbol on black."""
-    gray = to_gray(image)
-    if gray.size == 0 or min(gray.shape) < 1:
-        raise ImageError("empty image")
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    ink = 1.0 - gray if np.median(border) > 0.5 else gray  # light paper -> invert to white-on-black
-    if mode == "fit":
-        return _fit_into(size, size, ink)
-    u8 = (ink * 255).astype(np.uint8)
-    _, mask = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    points = cv2.findNonZero(mask)
-    if points is None:
-        raise ImageError("no symbol found (blank image)")
-    x, y, w, h = cv2.boundingRect(points)
-    crop = ink[y : y + h, x : x + w] * (mask[y : y + h, x : x + w] > 0)
-    return _center_of_mass(_fit_into(size, round(size * 20 / 28), crop))
+    """Decoded image -> float32 (size, size) in [0, 1], white symbol on black (same as `prepare`)."""
+    return analyse(image, mode, size).input

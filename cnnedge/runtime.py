@@ -1,0 +1,224 @@
+"""onnxruntime sessions for cnnedge models (torch-free): verified provider choice, metadata, batched runs.
+
+    rt = Runtime("export/cnn.onnx", provider="auto")   # CUDA when it really loads, else CPU
+    probs = rt.probabilities(x)                          # x: float32 (N, H, W) or (N, C, H, W) in [0, 1]
+
+onnxruntime falls back to CPU silently when a GPU provider cannot load (missing driver, CUDA or cuDNN
+libraries): the provider actually used is read back from `session.get_providers()`, and an explicit
+`cuda` or `tensorrt` request that did not load is an error naming the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from cnnedge.errors import CnnedgeError
+from cnnedge.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo
+
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+ORT_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+SHORT_NAMES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+MAX_MODEL_BYTES = 1 << 30  # larger files are refused before parsing (onnx's protobuf limit is 2 GiB)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def topk(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, probabilities) of the k most probable classes per row, most probable first."""
+    k = max(1, min(k, probs.shape[1]))
+    idx = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    part = np.take_along_axis(probs, idx, axis=1)
+    order = np.argsort(-part, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(part, order, axis=1)
+
+
+@contextlib.contextmanager
+def _captured_output():
+    """Capture what native code prints on stdout/stderr (onnxruntime logs provider failures there, in colour
+    and over several lines): the user gets one line from us instead. Yields a function returning the text."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved, captured = {}, ""
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            for fd in (1, 2):
+                saved[fd] = os.dup(fd)
+                os.dup2(sink.fileno(), fd)
+        except OSError:  # no real file descriptors (embedded interpreters): capture nothing
+            for fd, old in saved.items():
+                os.dup2(old, fd)
+                os.close(old)
+            saved = {}
+        try:
+            yield lambda: captured
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            for fd, old in saved.items():
+                os.dup2(old, fd)
+                os.close(old)
+            sink.seek(0)
+            captured = sink.read().decode("utf-8", "replace")
+
+
+def _load_failure_reason(log: str, provider: str) -> str:
+    """The useful part of onnxruntime's log about a provider that did not load."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    m = re.search(r"with error: ([^\n]+)", text)
+    if m:
+        return m.group(1).strip()
+    m = re.search(r"Failed to (?:create|load) [^\n]*", text)
+    if m:
+        return m.group(0).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][-200:] if lines else f"onnxruntime fell back to CPU without saying why ({provider})"
+
+
+def _gpu_driver_problem() -> str | None:
+    """Why no NVIDIA GPU can be used on this machine, or None when the driver library loads."""
+    name = "nvcuda.dll" if os.name == "nt" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(name)
+    except OSError as e:
+        return f"no NVIDIA driver ({name} cannot be loaded: {str(e).split(':')[-1].strip() or e})"
+    return None
+
+
+class Runtime:
+    """One onnxruntime session on a cnnedge ONNX model, tuned for throughput, with its metadata."""
+
+    def __init__(self, path: str | os.PathLike, provider: str = "auto", threads: int | None = None):
+        self.path = Path(path)
+        if provider not in PROVIDERS:
+            raise CnnedgeError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+        self._check_file()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # a chain of layers: no branch parallelism
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only; provider load failures are captured and reported by us
+        self.session = self._create(options, provider)
+        used = self.session.get_providers()[0]
+        self.provider = SHORT_NAMES.get(used, used)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info = ModelInfo.from_props(meta, source=str(self.path))
+        self._check_graph()
+        c = self.info.input_shape[0]
+        self._mean = np.asarray(self.info.mean, np.float32).reshape(1, c, 1, 1)
+        self._inv_std = (1.0 / np.asarray(self.info.std, np.float32)).reshape(1, c, 1, 1)
+
+    # ------------------------------------------------------------------------------- construction
+
+    def _check_file(self) -> None:
+        p = self.path
+        if not p.exists():
+            raise CnnedgeError(f"{p}: no such model file (export one with `cnnedge export`)")
+        if not p.is_file():
+            raise CnnedgeError(f"{p}: not a file")
+        size = p.stat().st_size
+        if size == 0:
+            raise CnnedgeError(f"{p}: empty model file")
+        if size > MAX_MODEL_BYTES:
+            raise CnnedgeError(f"{p}: {size:,} bytes is over the {MAX_MODEL_BYTES:,}-byte model limit")
+
+    def _session(self, options, providers):
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for malformed files
+            first = " ".join(str(e).split())
+            first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+            raise CnnedgeError(f"{self.path}: not a loadable ONNX model ({first[:200]})") from None
+
+    def _create(self, options, provider: str):
+        available = ort.get_available_providers()
+        if provider == "cpu":
+            return self._session(options, ORT_PROVIDERS["cpu"])
+        if provider == "auto":
+            if "CUDAExecutionProvider" in available and _gpu_driver_problem() is None:
+                session, _ = self._try_gpu(options, "cuda")
+                if session is not None:
+                    return session
+            return self._session(options, ORT_PROVIDERS["cpu"])
+        wanted = ORT_PROVIDERS[provider][0]
+        if wanted not in available:
+            raise CnnedgeError(f"provider {provider} is not available: this onnxruntime build has only "
+                               f"{', '.join(available)} (install onnxruntime-gpu for cuda and tensorrt)")
+        problem = _gpu_driver_problem()
+        if problem:
+            raise CnnedgeError(f"provider {provider} cannot be used: {problem}")
+        session, reason = self._try_gpu(options, provider)
+        if session is None:
+            raise CnnedgeError(f"provider {provider} failed to load and onnxruntime would fall back to CPU: {reason}")
+        return session
+
+    def _try_gpu(self, options, provider: str):
+        """(session, None) when `provider` really runs the model, else (None, the reason)."""
+        wanted = ORT_PROVIDERS[provider][0]
+        with _captured_output() as log:
+            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels when the system has none
+                with contextlib.suppress(Exception):
+                    ort.preload_dlls()
+            session = self._session(options, ORT_PROVIDERS[provider])
+        if wanted in session.get_providers():
+            return session, None
+        return None, _load_failure_reason(log(), provider)
+
+    def _check_graph(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if INPUT_NAME not in inputs or LOGITS_NAME not in outputs:
+            raise CnnedgeError(f"{self.path}: expected input {INPUT_NAME!r} and output {LOGITS_NAME!r}, found "
+                               f"{', '.join(inputs)} -> {', '.join(sorted(outputs))}; export it with `cnnedge export`")
+        shape = inputs[INPUT_NAME].shape
+        if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], self.info.input_shape)):
+            raise CnnedgeError(f"{self.path}: graph input {shape} disagrees with the metadata's input_shape "
+                               f"{list(self.info.input_shape)}")
+        self.input_dtype = np.float16 if inputs[INPUT_NAME].type == "tensor(float16)" else np.float32
+
+    # ------------------------------------------------------------------------------------ running
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        """[0, 1] images (N, H, W) or (N, C, H, W) -> the network's normalised input tensor."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[:, None]
+        if tuple(x.shape[1:]) != tuple(self.info.input_shape):
+            raise CnnedgeError(f"input batch of shape {tuple(x.shape[1:])} does not match the model's "
+                               f"{tuple(self.info.input_shape)}")
+        return ((x - self._mean) * self._inv_std).astype(self.input_dtype, copy=False)
+
+    def run(self, x: np.ndarray, outputs: tuple[str, ...] = (LOGITS_NAME,)) -> list[np.ndarray]:
+        if len(x) == 0:
+            return [np.zeros((0, 0), np.float32) for _ in outputs]
+        return self.session.run(list(outputs), {INPUT_NAME: self.normalise(x)})
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.run(x)[0], dtype=np.float32)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(x))
