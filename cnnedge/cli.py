@@ -18,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts say "[default: ...]", which rich markup would swallow
 )
 
 
@@ -173,3 +174,84 @@ def inspect(
         console.print(f"cv2.filter2D reproduces the network's layer output to within {difference:.1e}")
     for path in written:
         console.print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+@app.command()
+def predict(
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (with their class subfolders) or glob patterns."),
+    model: Path = typer.Option(Path("export/cnn.onnx"), help="ONNX model from `cnnedge export`; labels, input size, normalization and preprocessing come from its metadata."),
+    provider: str = typer.Option("auto", help="auto (CUDA when it really loads, else CPU), cpu, cuda or tensorrt."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into folders at any depth (default: a folder and its immediate subfolders)."),
+    batch_size: int = typer.Option(256, help="Images per inference batch."),
+    topk: int = typer.Option(3, "--topk", help="Most probable classes to show per image."),
+    output_format: str = typer.Option("table", "--format", help="table, json or csv (json and csv go to stdout)."),
+    save_crops: Optional[Path] = typer.Option(None, help="Write each 28x28 network input as a PNG into this folder (debugging)."),
+    workers: Optional[int] = typer.Option(None, help="Threads that decode and preprocess [default: CPU count, at most 8]."),
+) -> None:
+    """Classify images with onnxruntime (no PyTorch): a table, JSON or CSV, and accuracy for class folders."""
+    from cnnedge.predict import run as run_predict
+
+    code = run_predict(inputs, model=str(model), provider=provider, recursive=recursive, batch_size=batch_size,
+                       topk=topk, fmt=output_format, save_crops=str(save_crops) if save_crops else None,
+                       workers=workers)
+    if code:
+        raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------- webcam
+
+
+@app.command()
+def webcam(
+    source: str = typer.Option("0", help="Camera index, video file or stream URL (anything cv2.VideoCapture opens)."),
+    model: Path = typer.Option(Path("export/cnn.onnx"), help="ONNX model from `cnnedge export` (preprocessing and labels from its metadata)."),
+    provider: str = typer.Option("cpu", help="cpu, auto, cuda or tensorrt. One frame at a time, a small network runs in about 0.1 ms on the CPU."),
+    roi: Optional[str] = typer.Option(None, help="Region to search: x,y,w,h in pixels, or full. Default: a centred square, 60% of the short side."),
+    smooth: int = typer.Option(5, help="Average the probabilities of the last K frames (1: no smoothing)."),
+    min_confidence: float = typer.Option(0.5, help="Below this smoothed confidence the label is shown as unsure (null in JSON)."),
+    window: Optional[bool] = typer.Option(None, "--window/--no-window", help="OpenCV window, or a terminal panel. Default: a window when a display is present."),
+    output_format: str = typer.Option("live", "--format", help="live (window or terminal panel) or json (one line per frame on stdout, then a summary)."),
+    max_frames: Optional[int] = typer.Option(None, help="Stop after N processed frames."),
+    save: Optional[Path] = typer.Option(None, help="Write the annotated video here (.mp4, .m4v, .mov, .mkv or .avi)."),
+    work_size: int = typer.Option(128, help="Analyse the ROI at most this many pixels on its long side (raise it for small digits with --roi full)."),
+) -> None:
+    """Live digit recognition on a camera, video file or stream: overlay window, terminal panel or JSON lines."""
+    from cnnedge.webcam import run as run_webcam
+
+    code = run_webcam(source, model=str(model), provider=provider, roi=roi, smooth=smooth,
+                      min_confidence=min_confidence, window=window, fmt=output_format, max_frames=max_frames,
+                      save=str(save) if save else None, work_size=work_size)
+    if code:
+        raise typer.Exit(code)
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    model: Path = typer.Option(Path("export/cnn.onnx"), help="fp32 ONNX model; its variants beside it (cnn.fp16.onnx, cnn.int8.onnx) get rows too."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint for the PyTorch eager rows [default: models/cnn.pt when present; none without torch]."),
+    batch_sizes: str = typer.Option("1,64,256", help="Comma-separated batch sizes."),
+    providers: str = typer.Option("auto", help="Comma-separated cpu, cuda, tensorrt; auto: cpu, and cuda where it really loads."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads and torch threads [default: CPU count]."),
+    warmup: int = typer.Option(10, help="Untimed calls before each measurement."),
+    repeat: int = typer.Option(30, help="At least this many timed calls per row (and 3 runs of the file benchmarks)."),
+    min_time: float = typer.Option(1.0, help="And at least this many seconds per row."),
+    images: int = typer.Option(2000, help="28x28 images for the preprocessing and end-to-end runs (0: skip)."),
+    photos: int = typer.Option(100, help="Generated 640x480 photos for the preprocessing and end-to-end runs (0: skip)."),
+    test_images: Optional[int] = typer.Option(None, help="Accuracy on the first N test images [default: all]."),
+    data_dir: Optional[Path] = typer.Option(None, help="Dataset root with the test set [default: $CNNEDGE_DATA, else ~/.cache/cnnedge]."),
+    output_format: str = typer.Option("table", "--format", help="table, json or markdown (to stdout)."),
+) -> None:
+    """Latency, throughput, accuracy and size of PyTorch eager vs onnxruntime fp32/fp16/int8, preprocessing and end to end."""
+    from cnnedge.bench import BenchConfig, main as run_bench, parse_batch_sizes, parse_providers
+
+    config = BenchConfig(model=str(model), checkpoint=str(checkpoint) if checkpoint else None,
+                         batch_sizes=parse_batch_sizes(batch_sizes), providers=parse_providers(providers), threads=threads,
+                         warmup=warmup, repeat=repeat, min_time=min_time, images=images, photos=photos,
+                         test_images=test_images, data_dir=str(data_dir) if data_dir else None)
+    run_bench(config, output_format)

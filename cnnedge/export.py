@@ -56,7 +56,7 @@ SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # node metadata from the exporter: th
 IDENTITY_NOTE = "no ONNX node (identity at inference): checked on its input value"
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-INT8_SETTINGS = dict(format="QDQ", activations="QInt8", weights="QInt8", per_channel=True, calibration="MinMax")
+INT8_SETTINGS = dict(format="QDQ", activations="QUInt8", weights="QInt8", per_channel=True, calibration="MinMax")
 
 
 @dataclass
@@ -361,7 +361,12 @@ class _Calibration:
 
 
 def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
-    """Static int8 in QDQ form: per-channel weights, activations calibrated on training images."""
+    """Static int8 in QDQ form: per-channel int8 weights, uint8 activations calibrated on training images.
+
+    uint8 activations with int8 weights (U8S8) is what onnxruntime's x86 kernels are built for: every Conv
+    becomes a QLinearConv and both Gemms a QGemm. With int8 activations onnxruntime 1.31 leaves the first
+    Conv and both Gemms as DequantizeLinear -> fp32 op -> QuantizeLinear, and the model is slower than fp32
+    (benchmarks/bench_int8.py measures both)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     with tempfile.TemporaryDirectory(prefix="cnnedge-int8-") as tmp, warnings.catch_warnings():
@@ -371,7 +376,7 @@ def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.Model
         with contextlib.redirect_stdout(io.StringIO()):
             quant_pre_process(fp32, pre, skip_symbolic_shape=True)  # ONNX shape inference, Conv+BN folding
             quantize_static(pre, out, _Calibration(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
         return onnx.load(out)
 

@@ -1,0 +1,272 @@
+"""`cnnedge bench`: the JSON rows, that each row ran the runtime it names, and ratios from measured numbers.
+Tiny repetition counts keep this fast; the figures themselves are not asserted (no timed tests)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_line_error, run_cli
+from cnnedge import bench
+from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cnnedge.errors import CnnedgeError
+from cnnedge.zoo import get_arch, measure_layers
+
+MODEL = ROOT / "export" / "cnn.onnx"
+CHECKPOINT = ROOT / "models" / "cnn.pt"
+QUICK = ("--warmup", "1", "--repeat", "3", "--min-time", "0")
+TEST_IMAGES = 1000
+
+
+def mnist_test(data_root, n: int) -> tuple[np.ndarray, np.ndarray]:
+    raw = data_root / "MNIST" / "raw"
+    return bench.read_idx(raw / "t10k-images-idx3-ubyte")[:n], bench.read_idx(raw / "t10k-labels-idx1-ubyte")[:n].astype(int)
+
+
+def normalized(images: np.ndarray, checkpoint: dict) -> np.ndarray:
+    return ((images[:, None] / 255.0 - checkpoint["mean"][0]) / checkpoint["std"][0]).astype(np.float32)
+
+
+def onnx_accuracy(path, x, y) -> float:
+    logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})[0]
+    return float((logits.argmax(1) == y).mean())
+
+
+def torch_accuracy(checkpoint: dict, x, y) -> float:
+    with torch.no_grad():
+        return float((model_from_checkpoint(checkpoint)(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def bench_json(*args: str, env: dict | None = None) -> tuple[dict, str]:
+    r = run_cli("bench", "--format", "json", *QUICK, *args, env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+@pytest.fixture(scope="module")
+def doc(data_root):
+    d, _ = bench_json("--batch-sizes", "1,8", "--providers", "cpu", "--images", "40", "--photos", "2",
+                      "--test-images", str(TEST_IMAGES))
+    return d
+
+
+def find(rows, runtime, precision, batch):
+    return next(r for r in rows if (r["runtime"], r["precision"], r["batch"]) == (runtime, precision, batch))
+
+
+def test_json_rows_have_the_issue_schema(doc):
+    rows = doc["rows"]
+    assert {(r["runtime"], r["precision"], r["batch"]) for r in rows} == {
+        (rt, p, b) for rt, p in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "int8"))
+        for b in (1, 8)}
+    for r in rows:
+        assert set(bench.ROW_KEYS) <= set(r), r
+        assert r["provider"] == "cpu" and isinstance(r["batch"], int)
+        for key in ("latency_ms_p50", "latency_ms_p99", "images_per_second", "accuracy", "speedup_vs_torch"):
+            assert isinstance(r[key], float) and r[key] > 0, (key, r)
+        assert r["latency_ms_p99"] >= r["latency_ms_p50"] and r["calls"] >= 3
+        assert r["size_bytes"] == (ROOT / r["file"]).stat().st_size
+    assert doc["threads"]["onnxruntime_intra_op"] >= 1 and doc["threads"]["torch"] == doc["threads"]["onnxruntime_intra_op"]
+    assert doc["versions"]["onnxruntime"] == ort.__version__ and doc["versions"]["torch"] == torch.__version__
+    assert doc["command"].startswith("cnnedge bench --format json")
+    assert doc["model"]["accuracy_on"] == f"{TEST_IMAGES:,} MNIST test images"
+
+
+def test_each_row_ran_the_runtime_it_names(doc, data_root):
+    """Providers read back from the sessions, sizes of the files they loaded, and accuracy recomputed here
+    with each engine on the same test images."""
+    checkpoint = load_checkpoint(CHECKPOINT)
+    images, labels = mnist_test(data_root, TEST_IMAGES)
+    x = normalized(images, checkpoint)
+    files = {"fp32": MODEL, "fp16": MODEL.with_name("cnn.fp16.onnx"), "int8": MODEL.with_name("cnn.int8.onnx")}
+    for precision, path in files.items():
+        for batch in (1, 8):
+            r = find(doc["rows"], "onnxruntime", precision, batch)
+            assert r["session_providers"] == ["CPUExecutionProvider"] and r["engine"] == f"onnxruntime {ort.__version__}"
+            assert r["size_bytes"] == path.stat().st_size and r["file"].endswith(path.name)
+            assert r["accuracy"] == pytest.approx(onnx_accuracy(path, x, labels), abs=1e-12)
+    t = find(doc["rows"], "torch", "fp32", 1)
+    assert t["session_providers"] is None and t["engine"].startswith(f"torch {torch.__version__} eager")
+    assert t["size_bytes"] == CHECKPOINT.stat().st_size
+    assert t["accuracy"] == pytest.approx(torch_accuracy(checkpoint, x, labels), abs=1e-12)
+
+
+def test_ratios_are_computed_from_the_measured_numbers(doc):
+    rows = doc["rows"]
+    macs = doc["model"]["macs_per_image"]
+    for r in rows:
+        assert r["images_per_second"] == pytest.approx(r["batch"] / (r["latency_ms_p50"] / 1e3), rel=1e-9)
+        torch_row = find(rows, "torch", "fp32", r["batch"])
+        assert r["speedup_vs_torch"] == pytest.approx(r["images_per_second"] / torch_row["images_per_second"], rel=1e-12)
+        if r["runtime"] == "onnxruntime":
+            fp32 = find(rows, "onnxruntime", "fp32", r["batch"])
+            assert r["speedup_vs_fp32"] == pytest.approx(r["images_per_second"] / fp32["images_per_second"], rel=1e-12)
+        assert r["gflops"] == pytest.approx(2 * macs * r["images_per_second"] / 1e9, rel=1e-12)
+        assert r["peak_fraction"] == pytest.approx(r["gflops"] / doc["peak_gflops"]["cpu"], rel=1e-12)
+    assert find(rows, "torch", "fp32", 8)["speedup_vs_torch"] == 1.0
+    assert doc["peak_gflops"]["cpu"] > 1
+
+
+def test_macs_from_the_onnx_graph_match_the_torch_module():
+    """Counted torch-free from ONNX shape inference; measured here with forward hooks on the module."""
+    net = model_from_checkpoint(load_checkpoint(CHECKPOINT))
+    measured = sum(m.macs for m in measure_layers(net, get_arch("edgenet").input_shape).values())
+    assert bench.count_macs(MODEL) == measured == 1_994_240
+
+
+def test_preprocessing_and_end_to_end_sections(doc):
+    pre = doc["preprocess"]
+    assert [(p["input"], p["threads"]) for p in pre] == [
+        ("40 28x28 crops", 1), ("40 28x28 crops", doc["threads"]["preprocess_workers"]),
+        ("2 640x480 photos", 1), ("2 640x480 photos", doc["threads"]["preprocess_workers"])]
+    assert all(p["images_per_second"] > 0 for p in pre)
+    crops, photos = doc["predict"]
+    assert crops["input"] == "40 28x28 PNG files" and crops["images"] == 40 and crops["errors"] == 0
+    assert crops["accuracy"] >= 0.95  # the MNIST test images, read back from PNG files in class folders
+    assert photos["input"] == "2 640x480 JPEG photos" and photos["images"] == 2 and photos["provider"] == "cpu"
+    assert photos["accuracy"] is not None and crops["images_per_second"] > 0
+
+
+def _roll_rows(array: np.ndarray, shift: int) -> np.ndarray:
+    return np.roll(array, shift, axis=0)
+
+
+def test_a_changed_checkpoint_or_int8_file_changes_only_its_own_rows(data_root, tmp_path):
+    """fc2's class rows rolled by 1 in the checkpoint and by 2 in the int8 file: predictions move to the next
+    class(es), so the PyTorch rows and the int8 rows lose their accuracy, each in its own way."""
+    checkpoint = load_checkpoint(CHECKPOINT)
+    for key in ("fc2.weight", "fc2.bias"):
+        checkpoint["state_dict"][key] = torch.roll(checkpoint["state_dict"][key], 1, dims=0)
+    save_checkpoint(tmp_path / "rolled.pt", {k: v for k, v in checkpoint.items() if k not in ("format", "format_version")})
+    shutil.copy(MODEL, tmp_path / "cnn.onnx")
+    shutil.copy(MODEL.with_name("cnn.fp16.onnx"), tmp_path / "cnn.fp16.onnx")
+    int8 = onnx.load(MODEL.with_name("cnn.int8.onnx"))
+    rolled = 0
+    for init in int8.graph.initializer:  # weights, biases and their per-channel scales and zero points
+        if init.name.startswith("fc2.") and init.dims and init.dims[0] == 10:
+            init.CopyFrom(onnx.numpy_helper.from_array(_roll_rows(onnx.numpy_helper.to_array(init), 2), init.name))
+            rolled += 1
+    assert rolled >= 4, "the int8 graph's fc2 initializers were not found"
+    onnx.save(int8, tmp_path / "cnn.int8.onnx")
+
+    doc, stderr = bench_json("--model", str(tmp_path / "cnn.onnx"), "--checkpoint", str(tmp_path / "rolled.pt"),
+                             "--batch-sizes", "1", "--images", "0", "--photos", "0", "--test-images", "500")
+    images, labels = mnist_test(data_root, 500)
+    x = normalized(images, checkpoint)
+    acc = {r["runtime"] + " " + r["precision"]: r["accuracy"] for r in doc["rows"]}
+    assert acc["onnxruntime fp32"] >= 0.98 and acc["onnxruntime fp16"] >= 0.98
+    assert acc["torch fp32"] < 0.05 and acc["onnxruntime int8"] < 0.05
+    assert acc["torch fp32"] == pytest.approx(torch_accuracy(checkpoint, x, labels), abs=1e-12)
+    assert acc["onnxruntime int8"] == pytest.approx(onnx_accuracy(tmp_path / "cnn.int8.onnx", x, labels), abs=1e-12)
+    assert "is not the checkpoint" in stderr and "sha256 differs" in stderr
+    assert doc["preprocess"] == [] and doc["predict"] == []
+
+
+def test_variant_rows_are_named_after_the_file_metadata(tmp_path):
+    shutil.copy(MODEL, tmp_path / "cnn.onnx")
+    shutil.copy(MODEL.with_name("cnn.fp16.onnx"), tmp_path / "cnn.int8.onnx")  # a mislabelled file
+    r = run_cli("bench", "--format", "json", *QUICK, "--model", tmp_path / "cnn.onnx", "--batch-sizes", "1",
+                "--images", "0", "--photos", "0", "--test-images", "100", "--providers", "cpu",
+                env={"CNNEDGE_DATA": str(tmp_path)})  # no test set here: accuracy is null
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    assert [(x["runtime"], x["precision"]) for x in rows] == [("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16")]
+    assert all(x["accuracy"] is None for x in rows)
+    assert "cnn.int8.onnx: its metadata says precision fp16" in r.stderr
+    assert "no fp16 rows" in r.stderr and "no accuracy" in r.stderr
+
+
+def test_runs_without_torch_and_onnx(tmp_path):
+    """An edge device with onnxruntime only: no PyTorch rows, null speed-ups, MACs unknown, and no crash."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
+            "sys.argv = ['cnnedge', *sys.argv[1:]]; from cnnedge.cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", code, "bench", "--format", "json", *QUICK, "--batch-sizes", "1,4",
+                        "--images", "10", "--photos", "0", "--test-images", "100", "--providers", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {x["runtime"] for x in doc["rows"]} == {"onnxruntime"} and len(doc["rows"]) == 6
+    assert all(x["speedup_vs_torch"] is None and x["gflops"] is None for x in doc["rows"])
+    assert all(x["speedup_vs_fp32"] is not None for x in doc["rows"])
+    assert doc["model"]["macs_per_image"] is None and doc["versions"]["torch"] is None
+    assert "torch is not installed" in r.stderr and "MACs unknown" in r.stderr
+    assert doc["predict"][0]["images"] == 10
+
+
+def test_table_and_markdown_state_threads_and_summary(data_root):
+    args = (*QUICK, "--batch-sizes", "1,4", "--images", "0", "--photos", "0", "--test-images", "200", "--providers", "cpu")
+    table = run_cli("bench", *args)
+    assert table.returncode == 0, table.stderr
+    assert "threads: onnxruntime" in table.stdout and "intra-op" in table.stdout and "torch" in table.stdout
+    assert "cpu: onnxruntime fp32 vs PyTorch eager:" in table.stdout and "int8 vs fp32" in table.stdout
+    assert "GFLOP/s" in table.stdout and "Traceback" not in table.stderr
+    md = run_cli("bench", "--format", "markdown", *args)
+    assert md.returncode == 0, md.stderr
+    assert "| runtime | provider | precision | batch |" in md.stdout and md.stdout.count("| onnxruntime | cpu |") == 6
+
+
+def _cuda_driver() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_cuda_driver(), reason="this machine has a CUDA driver")
+def test_cuda_without_a_gpu():
+    """Only cuda asked for: one line and exit 2. cpu and cuda: the cpu rows, and a note for cuda."""
+    r = run_cli("bench", "--providers", "cuda", *QUICK)
+    assert_one_line_error(r, 2, "no requested provider can run the model", "cuda")
+    doc, stderr = bench_json("--providers", "cpu,cuda", "--batch-sizes", "1", "--images", "0", "--photos", "0",
+                             "--test-images", "100", "--checkpoint", str(CHECKPOINT))
+    assert {x["provider"] for x in doc["rows"]} == {"cpu"}
+    assert "note: no rows for provider cuda" in stderr
+
+
+def test_usage_errors_are_one_line_with_exit_2(tmp_path):
+    assert_one_line_error(run_cli("bench", "--model", tmp_path / "missing.onnx"), 2, "missing.onnx", "no such model file")
+    assert_one_line_error(run_cli("bench", "--checkpoint", tmp_path / "missing.pt"), 2, "missing.pt")
+    assert_one_line_error(run_cli("bench", "--batch-sizes", "1,0"), 2, "--batch-sizes", "'0'")
+    assert_one_line_error(run_cli("bench", "--providers", "gpu"), 2, "unknown provider 'gpu'")
+    assert_one_line_error(run_cli("bench", "--format", "xml"), 2, "unknown format 'xml'")
+    assert_one_line_error(run_cli("bench", "--repeat", "0"), 2, "--repeat")
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    assert_one_line_error(run_cli("bench", "--model", tmp_path / "broken.onnx"), 2, "broken.onnx", "not a loadable ONNX model")
+
+
+def test_idx_reader_refuses_truncated_files(tmp_path, data_root):
+    good = (data_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes()
+    (tmp_path / "short").write_bytes(good[:100])
+    with pytest.raises(CnnedgeError, match="truncated"):
+        bench.read_idx(tmp_path / "short")
+    assert bench.read_idx(data_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").shape == (10_000,)
+
+
+def test_shipped_int8_model_runs_integer_kernels(tmp_path):
+    """The export recipe (uint8 activations, int8 weights) lets onnxruntime fuse every Conv into QLinearConv
+    and both Gemms into QGemm; with int8 activations the first Conv and the Gemms stayed in fp32."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(MODEL.with_name("cnn.int8.onnx")), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert ops.count("QLinearConv") == 3 and ops.count("QGemm") == 2
+    assert not {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"} & set(ops)
+
+
+def test_engines_take_turns():
+    """Warm-up each, then rounds in which every engine runs in turn: a load change hits all rows alike."""
+    order = []
+    times = bench.time_in_turns([lambda: order.append("a"), lambda: order.append("b")], 1, 3, 0)
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    assert [len(t) for t in times] == [3, 3] and all((t >= 0).all() for t in times)
