@@ -527,6 +527,35 @@ def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat:
     return crop, _stroke_width(crop), (x0, y0, x1, y1)
 
 
+def _inside_patch(work: np.ndarray, light: bool, box: tuple[int, int, int, int]):
+    """The symbol inside a solid patch of the working image (inset a little, so that the patch's edges stay
+    out). Returns what `_locate` returns, in working coordinates, or None when nothing stroke-like is inside."""
+    x0, y0, x1, y1 = box
+    inset = max(1, round(0.03 * min(x1 - x0, y1 - y0)))
+    x0, y0, x1, y1 = x0 + inset, y0 + inset, x1 - inset, y1 - inset
+    if min(x1 - x0, y1 - y0) < 8:
+        return None
+    g = work[y0:y1, x0:x1]
+    g = cv2.bitwise_not(g) if light else g
+    # The patch's own paper: a closing wider than its strokes, as for a whole page, but on the patch alone.
+    ink = _normalised_ink(g, _odd(max(7, min(g.shape) / 3)))
+    try:
+        labels, stats, keep = _segment(ink)
+    except ImageError:
+        return None
+    chosen, sw = _select(labels, stats, keep, ink.shape)
+    if not chosen:
+        return None
+    a = min(stats[c, 0] for c in chosen)
+    b = min(stats[c, 1] for c in chosen)
+    c1 = max(stats[c, 0] + stats[c, 2] for c in chosen)
+    d1 = max(stats[c, 1] + stats[c, 3] for c in chosen)
+    crop = np.isin(labels[b:d1, a:c1], chosen).astype(np.uint8)
+    if crop.mean() > 0.6:
+        return None
+    return crop, _stroke_width(crop), (x0 + a, y0 + b, x0 + c1, y0 + d1)
+
+
 def _gray_u8(image: np.ndarray) -> np.ndarray:
     """Any decoded image -> uint8 grey, contrast stretched so that its brightest pixel is white (a 12-bit
     sensor in a 16-bit file, or a dim photo, uses the full range). 8-bit input skips the float detour."""
@@ -558,6 +587,12 @@ def _digit(image: np.ndarray, size: int, ink: str = "auto") -> Prepared:
     elif light is None:
         light = _polarity(work)
     crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat)
+    if crop.mean() > 0.85 and min(crop.shape) >= 8:
+        # A solid block is no pen stroke: a darker patch of paper (a label, a pasted crop) with the symbol
+        # inside. Look again within it; a fat marker bar finds nothing inside itself and stays as it is.
+        inner = _inside_patch(work, light, (x0, y0, x1, y1))
+        if inner is not None:
+            crop, sw, (x0, y0, x1, y1) = inner
     out = _render(crop, sw, size)
     inv_scale = 1.0 / scale
     box = (int(x0 * inv_scale), int(y0 * inv_scale), int(math.ceil((x1 - x0) * inv_scale)),
