@@ -2,15 +2,17 @@
 
     CNNEDGE_DATA=../shared/data uv run python benchmarks/bench_int8.py [--threads 1 2]
 
-Quantizes export/cnn.onnx (the shipped fp32 model) with onnxruntime's static QDQ quantization, calibrated
-on the same 1,000 training images as `cnnedge export`, in four recipes:
+Quantizes export/cnn.onnx (the shipped fp32 model) with onnxruntime's static QDQ quantization,
+calibrated on the same 1,000 training images as `cnnedge export`, in these recipes:
 
 - s8s8: int8 activations, int8 per-channel weights (what export shipped first);
-- u8s8: uint8 activations, int8 weights (export's recipe now: `cnnedge.export.quantize_int8` itself);
-- u8s8-conv1-fp32: the same with the first block (conv1, relu1, pool1) left in fp32;
-- the same again in a session with onnxruntime's QDQPropagationTransformer disabled.
+- u8s8 all layers: uint8 activations, int8 weights (export's second recipe), with and without
+  onnxruntime's QDQPropagationTransformer;
+- u8s8 first block fp32 (export): the same with conv1, relu1 and pool1 left in fp32 -
+  `cnnedge.export.quantize_int8` itself - in a plain session and as cnnedge's Runtime runs it (with
+  runtime.DISABLED_OPTIMIZERS, i.e. without the QDQPropagationTransformer).
 
-And fp32 against u8s8 at each graph optimization level (basic, extended, all).
+And fp32 against the exported int8 at each graph optimization level (basic, extended, all).
 
 For each: test accuracy, the operators onnxruntime really runs after its graph optimizations (an fp32
 Conv or Gemm left in an int8 model is a fusion that did not happen), throughput at batch 256 (median over
@@ -41,13 +43,14 @@ sys.path.insert(0, str(ROOT))
 
 from cnnedge.checkpoint import load_checkpoint  # noqa: E402
 from cnnedge.export import ExportConfig, _Calibration, load_images, quantize_int8  # noqa: E402
+from cnnedge.runtime import DISABLED_OPTIMIZERS  # noqa: E402
 
 FP32_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
 PROPAGATION = "QDQPropagationTransformer"
 
 
-def quantize(fp32: onnx.ModelProto, calibration: np.ndarray, activations, exclude_first_block: bool) -> onnx.ModelProto:
-    """export.quantize_int8's steps with other settings."""
+def quantize(fp32: onnx.ModelProto, calibration: np.ndarray, activations) -> onnx.ModelProto:
+    """export.quantize_int8's steps, every layer quantized, with the given activation type."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -55,15 +58,9 @@ def quantize(fp32: onnx.ModelProto, calibration: np.ndarray, activations, exclud
         src, pre, out = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(fp32, src)
         quant_pre_process(src, pre, skip_symbolic_shape=True)
-        exclude = []
-        if exclude_first_block:  # the first Conv up to the first MaxPool, as quant_pre_process named them
-            nodes = onnx.load(pre).graph.node
-            first = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
-            last = next(i for i, n in enumerate(nodes) if n.op_type == "MaxPool" and i > first)
-            exclude = [n.name for n in nodes[first: last + 1]]
         quantize_static(pre, out, _Calibration(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=activations, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
+                        calibrate_method=CalibrationMethod.MinMax)
         return onnx.load(out)
 
 
@@ -123,14 +120,16 @@ def main() -> None:
         sys.exit(f"needs the test set: {why}")
     fp32 = onnx.load(args.model)
     del fp32.metadata_props[:]
+    u8s8_all = quantize(fp32, train.x, QuantType.QUInt8)
+    exported = quantize_int8(fp32, train.x)
     recipes = {
         "fp32": (fp32, ()),
-        "s8s8": (quantize(fp32, train.x, QuantType.QInt8, False), ()),
-        "u8s8 (export)": (quantize_int8(fp32, train.x), ()),
-        "u8s8-conv1-fp32": (quantize(fp32, train.x, QuantType.QUInt8, True), ()),
-        "u8s8-conv1-fp32, no propagation": (None, (PROPAGATION,)),
+        "s8s8": (quantize(fp32, train.x, QuantType.QInt8), ()),
+        "u8s8 all layers": (u8s8_all, ()),
+        "u8s8 all layers, no propagation": (u8s8_all, (PROPAGATION,)),
+        "export, plain session": (exported, ()),
+        "export, cnnedge Runtime": (exported, tuple(DISABLED_OPTIMIZERS)),
     }
-    recipes["u8s8-conv1-fp32, no propagation"] = (recipes["u8s8-conv1-fp32"][0], (PROPAGATION,))
     print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
           f"(other processes slow every recipe down alike: rounds are interleaved)")
     x256, x1 = test.x[:256], test.x[:1]
@@ -144,8 +143,8 @@ def main() -> None:
         print(f"\n{name}: {len(model):,} bytes, accuracy {100 * (logits.argmax(1) == test.y).mean():.2f}% "
               f"on {len(test.y):,} test images\n  runs {dict(quant_ops) or 'no integer ops'}, fp32 {fp32_ops or 'none'}"
               f"\n  slowest nodes (1 thread, batch 256): {', '.join(top_nodes(model, 1, disabled, x256))}")
-    levels = {f"{name}, {level.name}": session(recipes[name][0].SerializeToString(), 1, level=level)
-              for name in ("fp32", "u8s8 (export)")
+    levels = {f"{name}, {level.name}": session(recipes[name][0].SerializeToString(), 1, recipes[name][1], level=level)
+              for name in ("fp32", "export, cnnedge Runtime")
               for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                             ort.GraphOptimizationLevel.ORT_ENABLE_ALL)}
     print("\ngraph optimization levels, 1 thread, batch 256:")

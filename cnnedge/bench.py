@@ -22,7 +22,6 @@ null) where it is not installed. MACs need the `onnx` package; without it they a
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from cnnedge.errors import CnnedgeError
-from cnnedge.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo
+from cnnedge.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
 
 DEFAULT_MODEL = "export/cnn.onnx"
 DEFAULT_CHECKPOINT = "models/cnn.pt"
@@ -199,14 +198,6 @@ def photos(n: int, seed: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
 # --------------------------------------------------------------------------------------- engines
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def onnx_engine(path: Path, provider: str, threads: int) -> Engine:
     """An onnxruntime session exactly as predict creates it (cnnedge.runtime.Runtime)."""
     import onnxruntime as ort
@@ -304,7 +295,7 @@ def make_engines(cfg: BenchConfig, threads: int, notes: list[str]) -> list[Engin
         raise CnnedgeError("no requested provider can run the model: " + "; ".join(failed))
     notes += [f"no rows for provider {f}" for f in failed]
     info = next(e.info for e in engines if e.runtime == "onnxruntime")
-    if checkpoint is not None and info.checkpoint_sha256 and info.checkpoint_sha256 != _file_sha256(checkpoint):
+    if checkpoint is not None and info.checkpoint_sha256 and info.checkpoint_sha256 != file_sha256(checkpoint):
         notes.append(f"{checkpoint} is not the checkpoint {model} was exported from (sha256 differs): "
                      "the PyTorch rows run a different network")
     return engines

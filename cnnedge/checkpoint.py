@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from cnnedge.zoo import build_model
 
 FORMAT = "cnnedge.checkpoint"
 FORMAT_VERSION = 1
-MAX_CHECKPOINT_BYTES = 512 * 2**20  # refuse larger files before reading them
+MAX_CHECKPOINT_BYTES = 512 * 2**20  # refuse larger files (or files that unpack larger) before reading them
 REQUIRED_KEYS = ("arch", "num_classes", "class_names", "input_shape", "mean", "std", "preprocess", "state_dict")
 
 
@@ -31,6 +33,16 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
         f.write(buffer.getbuffer())
 
 
+def _unpacked_size(path: Path) -> int:
+    """Bytes torch.load would unpack. A .pt is a zip whose records may be deflated: a 1 MB file can unpack
+    to 1 GB, and torch reads a record whole before checking its size. The zip directory says up front."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sum(info.file_size for info in archive.infolist())
+    except Exception:  # not a zip (legacy format, garbage): torch reads at most the file itself
+        return path.stat().st_size
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load and validate a cnnedge checkpoint; anything else is a CnnedgeError (exit code 2)."""
     path = Path(path)
@@ -39,12 +51,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     size = path.stat().st_size
     if size > MAX_CHECKPOINT_BYTES:
         raise CnnedgeError(f"{path}: {size:,} bytes is over the {MAX_CHECKPOINT_BYTES:,}-byte checkpoint limit")
+    unpacked = _unpacked_size(path)
+    if unpacked > MAX_CHECKPOINT_BYTES:
+        raise CnnedgeError(f"{path}: refused: it unpacks to {unpacked:,} bytes, over the "
+                           f"{MAX_CHECKPOINT_BYTES:,}-byte checkpoint limit")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusals, truncated zips and plain garbage all land here
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "refused: it contains pickled objects other than tensors (possibly malicious)"
+            named = re.search(r"GLOBAL ([\w.]+)", str(e))  # what the pickle asked for, e.g. posix.system
+            reason = (f"refused to unpickle {named[1] if named else 'an object'}: a checkpoint holds only tensors "
+                      "and plain values (possibly malicious)")
         raise CnnedgeError(f"{path}: not a cnnedge checkpoint ({reason[:200]})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CnnedgeError(f"{path}: not a cnnedge checkpoint (no '{FORMAT}' header; is it a bare state_dict?)")

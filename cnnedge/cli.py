@@ -63,12 +63,12 @@ def train(
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random affine and stroke width [default: recipe]."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     seed: int = typer.Option(0, help="Seed: the same seed on CPU gives the same metrics."),
-    val_fraction: float = typer.Option(0.05, help="Fraction of the training set held out for validation."),
+    val_fraction: Optional[float] = typer.Option(None, help="Fraction of the training set held out for validation [default: 0.05; 0 with --from when the dataset has a test split]."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N training images (quick checks)."),
     out: Path = typer.Option(Path("models/cnn.pt"), help="Checkpoint to write (with .metrics.json and plots beside it)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved at --out."),
     download: bool = typer.Option(False, "--download", help="Download the dataset if missing (needs internet)."),
-    from_checkpoint: Optional[Path] = typer.Option(None, "--from", help="Fine-tune this checkpoint: new head for the dataset's classes."),
+    from_checkpoint: Optional[Path] = typer.Option(None, "--from", help="Fine-tune this checkpoint: new head for the dataset's classes; unset options come from the fine-tuning recipe (README)."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="With --from: train only the new head."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots of the curves and confusion matrix."),
 ) -> None:
@@ -190,13 +190,35 @@ def predict(
     output_format: str = typer.Option("table", "--format", help="table, json or csv (json and csv go to stdout)."),
     save_crops: Optional[Path] = typer.Option(None, help="Write each 28x28 network input as a PNG into this folder (debugging)."),
     workers: Optional[int] = typer.Option(None, help="Threads that decode and preprocess [default: CPU count, at most 8]."),
+    gallery: Optional[Path] = typer.Option(None, help="Classes from `cnnedge enroll` instead of the model's: the nearest class prototype wins."),
+    metric: Optional[str] = typer.Option(None, help="With --gallery: cosine or ssd (sum of squared differences) [default: the gallery's, cosine]."),
 ) -> None:
     """Classify images with onnxruntime (no PyTorch): a table, JSON or CSV, and accuracy for class folders."""
     from cnnedge.predict import run as run_predict
 
     code = run_predict(inputs, model=str(model), provider=provider, recursive=recursive, batch_size=batch_size,
                        topk=topk, fmt=output_format, save_crops=str(save_crops) if save_crops else None,
-                       workers=workers)
+                       workers=workers, gallery=str(gallery) if gallery else None, metric=metric)
+    if code:
+        raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------- enroll
+
+
+@app.command()
+def enroll(
+    folder: Path = typer.Argument(..., help="A folder with one subfolder of images per new class (a few images each)."),
+    out: Path = typer.Option(..., help="Gallery file to write, e.g. export/greek.gallery.npz."),
+    model: Path = typer.Option(Path("export/cnn.onnx"), help="ONNX model whose embedding output describes the images; predict --gallery must use the same."),
+    provider: str = typer.Option("auto", help="auto (CUDA when it really loads, else CPU), cpu, cuda or tensorrt."),
+    batch_size: int = typer.Option(256, help="Images per inference batch."),
+    workers: Optional[int] = typer.Option(None, help="Threads that decode and preprocess [default: CPU count, at most 8]."),
+) -> None:
+    """Add new classes without training (no PyTorch): store the images' embeddings and class prototypes."""
+    from cnnedge.gallery import enroll as run_enroll
+
+    code = run_enroll(folder, out, model=str(model), provider=provider, batch_size=batch_size, workers=workers)
     if code:
         raise typer.Exit(code)
 

@@ -91,32 +91,41 @@ def load_torchvision(name: str, root: Path, download: bool) -> Data:
 
 def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
     """ImageFolder tree (one folder per class). With train/ and test/ subfolders, both are used."""
-    from torchvision.datasets.folder import find_classes, make_dataset
-
-    from cnnedge.preprocess import IMAGE_EXTENSIONS, ImageError, read_image, to_network_input
+    from cnnedge.predict import printable, scan_folder
+    from cnnedge.preprocess import ImageError, quiet_native_stderr, read_image, to_network_input
     from cnnedge.report import warn
 
-    if not path.is_dir():
-        raise CnnedgeError(f"imagefolder {path}: not a directory")
-    train_dir, test_dir = (path / "train", path / "test") if (path / "train").is_dir() else (path, None)
+    try:
+        if not path.is_dir():
+            raise CnnedgeError(f"imagefolder {path}: not a directory")
+        split = (path / "train").is_dir()
+    except OSError as e:  # an unreadable folder
+        raise CnnedgeError(f"imagefolder {path}: {e.strerror or e}") from None
+    train_dir, test_dir = (path / "train", path / "test") if split else (path, None)
 
     def read_split(folder: Path, classes: list[str] | None):
+        # Sorted names as in torchvision's ImageFolder (not imported: seconds); hidden folders are no classes.
         try:
-            found, class_to_idx = find_classes(str(folder))
-        except FileNotFoundError as e:
-            raise CnnedgeError(f"imagefolder {folder}: {e}") from None
+            found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        except OSError as e:
+            raise CnnedgeError(f"imagefolder {folder}: {e.strerror or e}") from None
+        if not found:
+            raise CnnedgeError(f"imagefolder {folder}: no class folders (one subfolder of images per class)")
+        class_to_idx = {c: i for i, c in enumerate(found)}
         if classes is not None:
             class_to_idx = {c: classes.index(c) for c in found if c in classes}
             for c in set(found) - set(classes):
                 warn(f"{folder / c}: class not in the training split, skipped")
-        samples = make_dataset(str(folder), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        # Not torchvision's make_dataset: it follows symlinked folders, and a link loop repeats the images.
+        samples = [(f, label) for c, label in sorted(class_to_idx.items()) for f in scan_folder(folder / c, recursive=True)]
         images, labels = [], []
-        for file, label in samples:
-            try:
-                images.append(torch.from_numpy(to_network_input(read_image(file), mode, size)))
-                labels.append(label)
-            except ImageError as e:
-                warn(f"{file}: {e}; skipped")
+        with quiet_native_stderr():  # bad files get our one line each, not the decoders' own complaints
+            for file, label in samples:
+                try:
+                    images.append(torch.from_numpy(to_network_input(read_image(file), mode, size)))
+                    labels.append(label)
+                except ImageError as e:
+                    warn(f"{printable(str(file))}: {e}; skipped")
         if not images:
             raise CnnedgeError(f"imagefolder {folder}: no readable images in class subfolders")
         return torch.stack(images).unsqueeze(1), torch.tensor(labels, dtype=torch.long), found

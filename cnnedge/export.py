@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import hashlib
 import io
 import json
 import tempfile
@@ -40,8 +39,9 @@ from cnnedge import __version__
 from cnnedge.atomic import write_bytes, write_text
 from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint
 from cnnedge.errors import CnnedgeError, ExitCode
-from cnnedge.modelinfo import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, ModelInfo
+from cnnedge.modelinfo import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
 from cnnedge.report import console, fmt_bytes, layer_table, warn
+from cnnedge.runtime import DISABLED_OPTIMIZERS
 from cnnedge.zoo import LayerCheck, check_layers, get_arch
 
 MIN_OPSET = 17
@@ -272,9 +272,10 @@ def session(model: bytes | onnx.ModelProto, provider: str = CPU) -> ort.Inferenc
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    disabled = dict(disabled_optimizers=DISABLED_OPTIMIZERS)  # as cnnedge's Runtime will run it
     if provider == CUDA:  # full fp32 on the GPU: TF32 would not meet the fp32 tolerance
-        return ort.InferenceSession(data, options, providers=[(CUDA, {"use_tf32": 0}), CPU])
-    return ort.InferenceSession(data, options, providers=[provider])
+        return ort.InferenceSession(data, options, providers=[(CUDA, {"use_tf32": 0}), CPU], **disabled)
+    return ort.InferenceSession(data, options, providers=[provider], **disabled)
 
 
 def cuda_session(model: bytes) -> ort.InferenceSession | None:
@@ -363,10 +364,12 @@ class _Calibration:
 def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
     """Static int8 in QDQ form: per-channel int8 weights, uint8 activations calibrated on training images.
 
-    uint8 activations with int8 weights (U8S8) is what onnxruntime's x86 kernels are built for: every Conv
-    becomes a QLinearConv and both Gemms a QGemm. With int8 activations onnxruntime 1.31 leaves the first
-    Conv and both Gemms as DequantizeLinear -> fp32 op -> QuantizeLinear, and the model is slower than fp32
-    (benchmarks/bench_int8.py measures both)."""
+    uint8 activations with int8 weights (U8S8) is what onnxruntime's x86 kernels are built for: the Convs
+    become QLinearConv and the Gemms QGemm (with int8 activations onnxruntime 1.31 leaves the first Conv and
+    both Gemms in fp32 between Dequantize/Quantize, slower than fp32). The first block (first Conv up to its
+    MaxPool) stays fp32: a Conv with one input channel makes a poor integer GEMM and took half the int8
+    model's time; in fp32 it fuses with its ReLU and pool in onnxruntime's NCHWc layout. Run the model with
+    runtime.DISABLED_OPTIMIZERS (cnnedge's Runtime does): 1.8x fp32 instead of 1.3x (bench_int8.py)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     with tempfile.TemporaryDirectory(prefix="cnnedge-int8-") as tmp, warnings.catch_warnings():
@@ -377,8 +380,16 @@ def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.Model
             quant_pre_process(fp32, pre, skip_symbolic_shape=True)  # ONNX shape inference, Conv+BN folding
             quantize_static(pre, out, _Calibration(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=first_block(onnx.load(pre)))
         return onnx.load(out)
+
+
+def first_block(proto: onnx.ModelProto) -> list[str]:
+    """Node names from the first Conv up to the first MaxPool after it (conv1, its BN folded, relu1, pool1)."""
+    nodes = proto.graph.node
+    first = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
+    last = next((i for i, n in enumerate(nodes) if n.op_type == "MaxPool" and i > first), first)
+    return [n.name for n in nodes[first: last + 1]]
 
 
 def measure_variant(variant: Variant, images: Images, fp32_outputs: tuple[np.ndarray, np.ndarray]) -> None:
@@ -392,14 +403,6 @@ def measure_variant(variant: Variant, images: Images, fp32_outputs: tuple[np.nda
 
 
 # --------------------------------------------------------------------------------- metadata, files
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def add_metadata(proto: onnx.ModelProto, checkpoint: dict, precision: str, test_accuracy: float | None,

@@ -7,8 +7,10 @@ Parsing is strict: a model with missing or malformed metadata is refused with on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from cnnedge.errors import CnnedgeError
@@ -19,6 +21,15 @@ PRECISIONS = ("fp32", "fp16", "int8")
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
 EMBEDDING_NAME = "embedding"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """A file's identity (the checkpoint a model came from, the model a gallery was enrolled with)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -106,7 +117,9 @@ class ModelInfo:
             try:
                 accuracy = float(props["test_accuracy"])
             except ValueError:
-                raise bad("test_accuracy", "is not a number") from None
+                accuracy = math.nan
+            if not 0.0 <= accuracy <= 1.0:
+                raise bad("test_accuracy", "must be a number between 0 and 1")
         known = {"cnnedge.metadata_version", "class_names", "input_shape", "mean", "std", "preprocess", "arch",
                  "precision", "embedding_layer", "test_accuracy", "dataset", "checkpoint_sha256",
                  "cnnedge_version", "export_date"}

@@ -8,6 +8,7 @@
 Files are read, decoded and preprocessed by a thread pool (OpenCV and file I/O release the GIL) while
 the main thread runs the network on full batches, so decoding overlaps inference. Everything the
 preprocessing needs (input size, normalisation, mode, class names) comes from the ONNX metadata.
+With a gallery from `cnnedge enroll` (cnnedge.gallery), images get the class of the nearest prototype.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ import cv2
 import numpy as np
 
 from cnnedge.errors import CnnedgeError, ExitCode
+from cnnedge.gallery import Gallery
 from cnnedge.metrics import classification_report, confusion_matrix
-from cnnedge.preprocess import IMAGE_EXTENSIONS, ImageError, analyse, as_network_input, mnist_like, read_image
-from cnnedge.runtime import Runtime, topk as top_k
+from cnnedge.modelinfo import EMBEDDING_NAME, LOGITS_NAME
+from cnnedge.preprocess import (IMAGE_EXTENSIONS, ImageError, analyse, as_network_input, mnist_like,
+                                quiet_native_stderr, read_image)
+from cnnedge.runtime import Runtime, softmax, topk as top_k
 
 DEFAULT_MODEL = "export/cnn.onnx"
 FORMATS = ("table", "json", "csv")
@@ -49,9 +53,12 @@ class Prediction:
     error: str | None = None
     truth: str | None = None  # the class folder the file sits in (ImageFolder layout), if any
     box: tuple[int, int, int, int] | None = None  # where preprocessing found the symbol (x, y, w, h)
+    metric: str | None = None  # with a gallery: the distance used, and the distance to every class
+    distances: dict[str, float] | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False)  # when the Predictor keeps embeddings
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "path": self.path,
             "label": self.label,
             "confidence": self.confidence,
@@ -59,9 +66,23 @@ class Prediction:
             "error": self.error,
             "truth": self.truth,
         }
+        if self.metric is not None:
+            for t in d["topk"]:
+                t["distance"] = self.distances[t["label"]]
+            d.update(metric=self.metric, distances=self.distances)
+        return d
 
 
 # -------------------------------------------------------------------------------------- inputs
+
+
+def printable(path: str) -> str:
+    """A file name that any output accepts: the bytes of a non-UTF-8 name (which Python keeps as lone
+    surrogates, unprintable on a UTF-8 stream) are shown as \\xNN."""
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a broken name on Windows)
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _natural_key(path: Path) -> list:
@@ -127,19 +148,36 @@ def collect_inputs(args: Iterable[str | os.PathLike], recursive: bool = False) -
 
 class Predictor:
     """Preprocessing + onnxruntime inference for a cnnedge ONNX model. Use it from one thread at a time;
-    create one per process and reuse it (the session is the expensive part)."""
+    create one per process and reuse it (the session is the expensive part).
+
+    With `gallery` (a file from `cnnedge enroll`, or a Gallery) the labels are the gallery's classes, found
+    by the nearest prototype under `metric` (default: the gallery's); `embeddings=True` keeps each image's
+    embedding in `Prediction.embedding`."""
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, provider: str = "auto", batch_size: int = 256,
-                 workers: int | None = None, topk: int = 3, threads: int | None = None):
+                 workers: int | None = None, topk: int = 3, threads: int | None = None,
+                 gallery: str | os.PathLike | Gallery | None = None, metric: str | None = None,
+                 embeddings: bool = False):
         if batch_size < 1:
             raise CnnedgeError(f"--batch-size must be at least 1, not {batch_size}")
         if topk < 1:
             raise CnnedgeError(f"--topk must be at least 1, not {topk}")
+        if metric is not None and gallery is None:
+            raise CnnedgeError("--metric needs --gallery (a file from `cnnedge enroll`)")
+        if gallery is not None and not isinstance(gallery, Gallery):
+            gallery = Gallery.load(gallery)  # before the model: a bad gallery fails fast
         self.runtime = Runtime(model, provider, threads)
         self.info = self.runtime.info
         self.model = str(model)
         self.provider = self.runtime.provider
         self.class_names = self.info.class_names
+        self.gallery = gallery
+        self.metric = None
+        if gallery is not None:
+            gallery.check_model(self.runtime)
+            self.metric = gallery.resolve_metric(metric)
+            self.class_names = gallery.class_names
+        self.keep_embeddings = embeddings or gallery is not None
         self.batch_size = batch_size
         self.topk = topk
         self.workers = max(1, workers or min(8, os.cpu_count() or 1))
@@ -272,24 +310,40 @@ class Predictor:
     def _infer(self, buffered: list[tuple], k: int, start: int, save_crops) -> list[Prediction]:
         good = [i for i, b in enumerate(buffered) if b[1] is not None]
         probs = np.zeros((0, len(self.class_names)), np.float32)
+        dist = embeddings = None
         if good:
             x = np.stack([buffered[i][1] for i in good])
             if self.channels != 1:
                 x = np.repeat(x[:, None], self.channels, axis=1)
-            probs = np.concatenate([self.runtime.probabilities(x[s: s + self.batch_size])
-                                    for s in range(0, len(x), self.batch_size)])
+            batches = range(0, len(x), self.batch_size)
+            if not self.keep_embeddings:
+                probs = np.concatenate([self.runtime.probabilities(x[s: s + self.batch_size]) for s in batches])
+            else:
+                outs = [self.runtime.run(x[s: s + self.batch_size], (LOGITS_NAME, EMBEDDING_NAME)) for s in batches]
+                embeddings = np.concatenate([o[1] for o in outs]).astype(np.float32, copy=False)
+                if self.gallery is None:
+                    probs = softmax(np.concatenate([o[0] for o in outs]).astype(np.float32, copy=False))
+                else:
+                    dist, probs = self.gallery.classify(embeddings, self.metric)
         idx, val = top_k(probs, k) if len(good) else (None, None)
+        if dist is not None:  # rank by distance itself: confidences of far classes can all round to 0
+            idx = top_k(-dist, k)[0]
+            val = np.take_along_axis(probs, idx, axis=1)
         row = {i: r for r, i in enumerate(good)}
         out = []
         for i, (item, x, error, box) in enumerate(buffered):
             path = None if isinstance(item, np.ndarray) else str(item)
-            p = Prediction(path=path, error=error, truth=self._truth(path), box=box)
+            p = Prediction(path=path, error=error, truth=self._truth(path), box=box, metric=self.metric)
             if i in row:
                 r = row[i]
                 p.index = int(idx[r, 0])
                 p.label = self.class_names[p.index]
                 p.confidence = float(val[r, 0])
                 p.topk = [(self.class_names[int(j)], float(v)) for j, v in zip(idx[r], val[r])]
+                if embeddings is not None:
+                    p.embedding = embeddings[r]
+                if dist is not None:
+                    p.distances = {name: float(v) for name, v in zip(self.class_names, dist[r])}
                 if save_crops is not None:
                     _save_crop(Path(save_crops), start + i, path, p.label, x)
             out.append(p)
@@ -360,24 +414,28 @@ def render_table(predictions: list[Prediction], summary: Summary, model: str, pr
     from cnnedge.report import confusion_table, console, per_class_table
 
     show_truth = any(p.truth is not None for p in predictions)
+    metric = next((p.metric for p in predictions if p.metric), None)  # a gallery: distances, not probabilities
     table = Table(title=f"{escape(model)} on {provider}", title_justify="left")
     table.add_column("file", overflow="fold")
     if show_truth:
         table.add_column("true")
     table.add_column("prediction", justify="center")
     table.add_column("confidence", justify="right")
-    table.add_column(f"top {k}")
+    table.add_column(f"top {k}" if metric is None else f"nearest {k} ({metric} distance)")
     cwd = os.getcwd()
     for p in predictions:
         if p.label is None:
             continue  # failed inputs were reported on stderr
-        name = p.path if p.path is not None else "<array>"
+        name = printable(p.path) if p.path is not None else "<array>"
         if p.path is not None and os.path.isabs(name):
             with_cwd = os.path.relpath(name, cwd)
             name = name if with_cwd.startswith("..") else with_cwd
         colour = "" if p.truth is None else ("green" if p.truth == p.label else "bold red")
         pred = f"[{colour}]{escape(p.label)}[/]" if colour else escape(p.label)
-        bars = "  ".join(f"{escape(n)} [cyan]{_bar(v)}[/] {100 * v:3.0f}%" for n, v in p.topk)
+        if metric is None:
+            bars = "  ".join(f"{escape(n)} [cyan]{_bar(v)}[/] {100 * v:3.0f}%" for n, v in p.topk)
+        else:
+            bars = "  ".join(f"{escape(n)} {p.distances[n]:.4g}" for n, _ in p.topk)
         cells = [escape(name)] + ([escape(p.truth or "")] if show_truth else []) + [pred, f"{p.confidence:.3f}", bars]
         table.add_row(*cells)
     if table.row_count:
@@ -398,9 +456,12 @@ def render_table(predictions: list[Prediction], summary: Summary, model: str, pr
     console.print(line, markup=False)
 
 
-def render_json(predictions: list[Prediction], summary: Summary, model: str, provider: str) -> str:
-    doc = {"model": model, "provider": provider, "results": [p.to_dict() for p in predictions],
-           "summary": summary.to_dict()}
+def render_json(predictions: list[Prediction], summary: Summary, model: str, provider: str,
+                gallery: str | None = None, metric: str | None = None) -> str:
+    doc = {"model": model, "provider": provider}
+    if gallery is not None:
+        doc.update(gallery=gallery, metric=metric)
+    doc.update(results=[p.to_dict() for p in predictions], summary=summary.to_dict())
     return json.dumps(doc, indent=2)
 
 
@@ -409,7 +470,7 @@ def render_csv(predictions: list[Prediction]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "label", "confidence", "topk", "error", "truth"])
     for p in predictions:
-        w.writerow([p.path if p.path is not None else "<array>", p.label or "",
+        w.writerow([printable(p.path) if p.path is not None else "<array>", p.label or "",
                     "" if p.confidence is None else f"{p.confidence:.6f}",
                     ";".join(f"{n}:{v:.6f}" for n, v in p.topk), p.error or "", p.truth or ""])
     return buf.getvalue()
@@ -420,7 +481,7 @@ def render_csv(predictions: list[Prediction]) -> str:
 
 def run(inputs: list[str], model: str = DEFAULT_MODEL, provider: str = "auto", recursive: bool = False,
         batch_size: int = 256, topk: int = 3, fmt: str = "table", save_crops: str | None = None,
-        workers: int | None = None) -> int:
+        workers: int | None = None, gallery: str | None = None, metric: str | None = None) -> int:
     """The `cnnedge predict` command; returns the exit code (0 all fine, 1 some inputs failed)."""
     from cnnedge.report import err_console, warn
 
@@ -430,26 +491,29 @@ def run(inputs: list[str], model: str = DEFAULT_MODEL, provider: str = "auto", r
         raise CnnedgeError("no inputs: give image files, folders or glob patterns")
     paths, problems = collect_inputs(inputs, recursive)
     for arg, problem in problems:
-        warn(f"{arg}: {problem}")
+        warn(f"{printable(arg)}: {problem}")
     if not paths:
         raise CnnedgeError("no images to predict" + (f" ({len(problems)} input(s) reported above)" if problems else ""))
     if save_crops is not None and Path(save_crops).exists() and not Path(save_crops).is_dir():
         raise CnnedgeError(f"--save-crops {save_crops}: exists and is not a folder")
 
-    predictor = Predictor(model, provider, batch_size=batch_size, workers=workers, topk=topk)
+    predictor = Predictor(model, provider, batch_size=batch_size, workers=workers, topk=topk, gallery=gallery,
+                          metric=metric)
     predictions: list[Prediction] = []
     start = time.perf_counter()
-    with predictor, _progress(len(paths), err_console) as advance:
+    with predictor, quiet_native_stderr(), _progress(len(paths), err_console) as advance:
         for p in predictor.predict_iter(paths, save_crops=save_crops, on_batch=advance):
             if p.error is not None:
-                warn(f"{p.path}: {p.error}; skipped")
+                warn(f"{printable(p.path)}: {p.error}; skipped")
             predictions.append(p)
     seconds = time.perf_counter() - start
     summary = summarise(predictions, predictor.class_names, seconds)
     if fmt == "table":
-        render_table(predictions, summary, model, predictor.provider, topk)
+        title = model if gallery is None else f"{model} + {gallery}"
+        render_table(predictions, summary, title, predictor.provider, topk)
     else:
-        text = render_json(predictions, summary, model, predictor.provider) if fmt == "json" else render_csv(predictions)
+        text = (render_json(predictions, summary, model, predictor.provider, gallery, predictor.metric)
+                if fmt == "json" else render_csv(predictions))
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
     return int(ExitCode.PARTIAL) if summary.errors or problems else int(ExitCode.OK)

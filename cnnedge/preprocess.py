@@ -33,21 +33,26 @@ The digit pipeline (`prepare`, or `analyse` for the box and the details), on uin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import stat
+import sys
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # GIF: the first frame
 MODES = ("digit", "fit")
 INK = ("auto", "dark", "light")
 
 WORK_MAX = 512  # long side of the working resolution
 SUPERSAMPLE = 4  # the shape is rebuilt at this multiple of the output scale before the final INTER_AREA
 STROKE_RATIO = 0.115  # MNIST's median stroke width / box side (2.25 px of 20, measured on the test set)
-MAX_PIXELS = 80_000_000  # refuse decompression bombs
+MAX_PIXELS = 80_000_000  # larger images are refused from their header, before decoding (see cnnedge/__init__.py)
+MAX_FILE_BYTES = 1 << 30  # larger files are refused before reading them
+MIN_SIDE = 8  # smaller images hold no recognisable symbol (8x8: the smallest digit datasets, e.g. sklearn's)
 
 
 class ImageError(Exception):
@@ -71,11 +76,18 @@ class Prepared:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode a file as is (8/16-bit, grey, BGR or BGRA). Any file name works (no cv2.imread)."""
     try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError("is a directory")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device: reading it could block or never end
+            raise ImageError("not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"{st.st_size:,} bytes is over the {MAX_FILE_BYTES:,}-byte file limit")
         with open(path, "rb") as f:
             data = f.read()
-    except IsADirectoryError:
-        raise ImageError("is a directory") from None
     except OSError as e:
+        if isinstance(e, FileNotFoundError) and os.path.islink(path):
+            raise ImageError("broken symbolic link (its target does not exist)") from None
         raise ImageError(e.strerror or str(e)) from None
     return decode_image(data)
 
@@ -87,6 +99,9 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
     try:
         image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as e:
+        if "validateInputImageSize" in str(e):  # OpenCV's limit (cnnedge/__init__.py): nothing was decoded
+            raise ImageError(f"over the size limit of {MAX_PIXELS:,} pixels and {1 << 20:,} on a side "
+                             "(refused from its header, without decoding it)") from None
         raise ImageError(f"not a decodable image ({str(e).strip().splitlines()[-1][:80]})") from None
     if image is None:
         raise ImageError("not a decodable image")
@@ -97,12 +112,51 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
     return image
 
 
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """For a batch of files: discard what native decoders print on the process's stderr (libpng, libjpeg,
+    libtiff and FFmpeg write their own complaints there, several lines per bad file, none naming it).
+    Python's sys.stderr keeps the real stream, so the one-line reports of bad files still get out."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):  # no file descriptor 2 (embedded interpreters)
+        yield
+        return
+    previous = sys.stderr
+    if previous is sys.__stderr__:  # a replacement (pytest's capture) does not write to fd 2 anyway
+        sys.stderr = open(saved, "w", buffering=1, encoding=previous.encoding, errors=previous.errors, closefd=False)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        if sys.stderr is not previous:
+            sys.stderr.close()
+            sys.stderr = previous
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _checked(image: np.ndarray) -> np.ndarray:
+    """The image as an array, or ImageError when it is none: (H, W) or (H, W, 1/3/4) of numbers."""
+    img = np.asarray(image)
+    if img.ndim not in (2, 3):
+        raise ImageError(f"not an image: array of shape {img.shape} (expected height x width [x channels])")
+    if img.size == 0:
+        raise ImageError(f"empty image (shape {img.shape})")
+    if img.ndim == 3 and img.shape[2] not in (1, 3, 4):
+        raise ImageError(f"unsupported channel count {img.shape[2]} (1, 3 or 4)")
+    if img.dtype.kind not in "biuf":
+        raise ImageError(f"unsupported pixel type {img.dtype}")
+    return img
+
+
 def to_gray(image: np.ndarray) -> np.ndarray:
     """Any decoded image -> float32 grey in [0, 1]. Transparent pixels become white paper, or black when
     the visible ink is light (white strokes on a transparent layer)."""
-    img = np.asarray(image)
-    if img.ndim not in (2, 3) or img.size == 0:
-        raise ImageError(f"unsupported image shape {img.shape}")
+    img = _checked(image)
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.dtype == np.uint8:
@@ -110,13 +164,18 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     elif img.dtype == np.uint16:
         scale = 1 / 65535.0
     else:
-        img = np.nan_to_num(img.astype(np.float32))
-        lo, hi = float(img.min()), float(img.max())
-        if 0.0 <= lo and hi <= 1.0:
-            scale = 1.0
-        else:
+        # Other types: values in [0, 1] as they are, else stretched from their finite range; infinities
+        # clip to that range and NaN counts as its lowest value. float64, where float32 would overflow.
+        img = img.astype(np.float64)
+        finite = img[np.isfinite(img)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        img = np.nan_to_num(img, nan=lo, posinf=hi, neginf=lo)
+        if not (0.0 <= lo and hi <= 1.0):
+            span = max(abs(lo), abs(hi))  # divided first: hi - lo overflows near the float64 limits
+            img, lo, hi = img / span, lo / span, hi / span
             img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-            scale = 1.0
+        img = img.astype(np.float32)
+        scale = 1.0
     if img.ndim == 2:
         return img.astype(np.float32) * np.float32(scale) if scale != 1.0 or img.dtype != np.float32 else img
     colour = img[:, :, :3]
@@ -406,6 +465,8 @@ def _select(labels: np.ndarray, stats: np.ndarray, keep: list[int], shape: tuple
         rest = list(keep)  # nothing but the border structure: it is the symbol (a tight crop)
     biggest = max(area[c] for c in rest)
     cands = [c for c in rest if area[c] >= max(3, 0.02 * biggest)]
+    if not cands:  # specks of a pixel or two: nothing to read
+        return [], 0.0
 
     def score(c):
         x, y, w, h = stats[c, :4]
@@ -632,11 +693,9 @@ def analyse(image: np.ndarray, mode: str = "digit", size: int = 28,
         raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {', '.join(MODES)}")
     if ink not in INK:
         raise ValueError(f"unknown ink {ink!r}; choose one of {', '.join(INK)}")
-    img = np.asarray(image)
-    if img.ndim < 2 or img.shape[0] < 1 or img.shape[1] < 1:
-        raise ImageError("empty image")
+    img = _checked(image)
     if img.shape[0] * img.shape[1] > MAX_PIXELS:
-        raise ImageError(f"{img.shape[1]}x{img.shape[0]} pixels is too large")
+        raise ImageError(f"{img.shape[1]}x{img.shape[0]} pixels is over the {MAX_PIXELS:,}-pixel limit")
     ox = oy = 0
     if roi is not None:
         x, y, w, h = (int(v) for v in roi)
@@ -645,6 +704,9 @@ def analyse(image: np.ndarray, mode: str = "digit", size: int = 28,
         if x1 <= x0 or y1 <= y0:
             raise ImageError("empty region of interest")
         img, ox, oy = img[y0:y1, x0:x1], x0, y0
+    if min(img.shape[:2]) < MIN_SIDE:
+        raise ImageError(f"{img.shape[1]}x{img.shape[0]} pixels is too small to hold a symbol "
+                         f"(at least {MIN_SIDE}x{MIN_SIDE})")
     result = _digit(img, size, ink) if mode == "digit" else _fit(to_gray(img), size)
     if result.box is not None and (ox or oy):
         bx, by, bw, bh = result.box

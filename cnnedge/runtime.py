@@ -31,6 +31,10 @@ ORT_PROVIDERS = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 SHORT_NAMES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+# Our int8 models keep the first block (one input channel: too thin for integer kernels) in fp32. This
+# pass would move its QuantizeLinear above pool1, leaving a slow uint8 MaxPool outside onnxruntime's NCHWc
+# path: 0.8x fp32 with it, 1.8x without (benchmarks/bench_int8.py). Graphs without QDQ nodes are unaffected.
+DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
 MAX_MODEL_BYTES = 1 << 30  # larger files are refused before parsing (onnx's protobuf limit is 2 GiB)
 
 
@@ -144,10 +148,17 @@ class Runtime:
 
     def _session(self, options, providers):
         try:
-            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers,
+                                        disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as e:  # onnxruntime raises its own exception types for malformed files
             first = " ".join(str(e).split())
             first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+            if re.search(r"escapes model directory|absolute path", first, re.IGNORECASE):
+                # onnxruntime >= 1.24 checks where external weights live before opening anything:
+                # only inside the model's folder (no absolute paths, no "..", no symlinks leading out).
+                detail = re.sub(r"^.*?Error: (\S+\.cc:\d+ \w+ )?", "", first)
+                raise CnnedgeError(f"{self.path}: refused: its weights point at a file outside the model's folder "
+                                   f"({detail[:200]})") from None
             raise CnnedgeError(f"{self.path}: not a loadable ONNX model ({first[:200]})") from None
 
     def _create(self, options, provider: str):

@@ -38,6 +38,14 @@ DEFAULT_HPARAMS = dict(
     optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant",
     batch_size=128, epochs=5, loss="cross-entropy", label_smoothing=0.0, augment=False,
 )
+# With --from, in place of the architecture's recipe (options given on the command line still win).
+# A pretrained network only needs adapting, often to a few dozen images (greek/: 9 per class): small
+# batches over many short epochs, a new head at the full rate and the pretrained layers at a fraction of
+# it, augmentation on, BatchNorm statistics kept from the source. See README, "Fine-tuning".
+FINETUNE_HPARAMS = dict(
+    optimizer="adamw", lr=3e-3, weight_decay=1e-4, schedule="cosine", batch_size=16, epochs=60,
+    loss="cross-entropy", label_smoothing=0.0, augment=True, backbone_lr_scale=0.3,
+)
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "constant")
 LOSSES = ("cross-entropy", "mse")
@@ -52,7 +60,7 @@ class TrainConfig:
     out: str = "models/cnn.pt"
     device: str = "auto"
     seed: int = 0
-    val_fraction: float = 0.05
+    val_fraction: float | None = None  # None: 0.05, or 0 when fine-tuning a dataset that has a test split
     limit: int | None = None  # train on the first N training images only (smoke tests, quick checks)
     download: bool = False
     resume: bool = False
@@ -69,13 +77,30 @@ class Interrupted(Exception):
 
 @contextmanager
 def interruptible():
-    """Turn SIGINT and SIGTERM into one exception so both keep the last completed epoch."""
+    """Turn SIGINT and SIGTERM into one exception so both keep the last completed epoch. Yields `hold`:
+    a signal that arrives inside `with hold():` (while a checkpoint is written) is raised when it ends,
+    so a finished epoch is never thrown away half-saved."""
+    holding, pending = [False], []
+
     def handler(signum, frame):
-        raise Interrupted(signum)
+        if holding[0]:
+            pending.append(signum)
+        else:
+            raise Interrupted(signum)
+
+    @contextmanager
+    def hold():
+        holding[0] = True
+        try:
+            yield
+        finally:
+            holding[0] = False
+        if pending:
+            raise Interrupted(pending[0])
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield hold
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -97,8 +122,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_hparams(arch: str, given: dict) -> dict:
-    hp = {**DEFAULT_HPARAMS, **get_arch(arch).recipe, **{k: v for k, v in given.items() if v is not None}}
+def resolve_hparams(arch: str, given: dict, fine_tune: bool = False) -> dict:
+    recipe = FINETUNE_HPARAMS if fine_tune else get_arch(arch).recipe
+    hp = {**DEFAULT_HPARAMS, **recipe, **{k: v for k, v in given.items() if v is not None}}
     for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES)):
         if hp[key] not in choices:
             raise CnnedgeError(f"unknown {key} {hp[key]!r}; choose one of: {', '.join(choices)}")
@@ -121,7 +147,8 @@ def make_optimizer(params, hp: dict) -> torch.optim.Optimizer:
 def make_scheduler(optimizer, hp: dict, steps_per_epoch: int):
     total = hp["epochs"] * steps_per_epoch
     if hp["schedule"] == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp["lr"], total_steps=total, pct_start=0.25)
+        max_lr = [group["lr"] for group in optimizer.param_groups]  # each group peaks at its own rate
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=0.25)
     if hp["schedule"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -153,8 +180,8 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 
 def train_epoch(model, optimizer, scheduler, x, y, order, mean, std, hp, device, progress, task, world) -> tuple[float, float]:
     model.train()
-    if getattr(model, "frozen_backbone", False):
-        model.eval()  # a frozen backbone keeps its BatchNorm statistics
+    if getattr(model, "keep_bn_statistics", False):
+        model.eval()  # fine-tuning keeps the source's BatchNorm statistics (BN weights and biases still train)
     bs = hp["batch_size"]
     # [loss sum, correct, seen] on the device: no host sync per batch
     totals = torch.zeros(3, device=device, dtype=torch.float64)
@@ -188,6 +215,32 @@ def replace_head(model: nn.Sequential, num_classes: int) -> nn.Sequential:
         raise CnnedgeError(f"cannot replace the head: the last layer {name!r} is not a linear layer")
     setattr(model, name, nn.Linear(head.in_features, num_classes))
     return model
+
+
+@torch.no_grad()
+def imprint_head(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, mean, std) -> None:
+    """Set the head to the nearest-class-mean classifier of the embeddings ("weight imprinting"), so a
+    frozen backbone's training starts at the few-shot solution instead of below it:
+    logit_c = (|e|^2 - |e - p_c|^2) / s = (2 e.p_c - |p_c|^2) / s, with p_c the mean embedding of class c
+    and s the mean squared distance of an embedding to its class mean (a scale at which softmax still learns)."""
+    model.eval()
+    e = torch.cat([model[:-1](normalize(x[i : i + 1000], mean, std)) for i in range(0, len(x), 1000)])
+    head, present = model[-1], torch.unique(y)  # a class without images keeps its random row
+    protos = torch.stack([e[y == c].mean(0) for c in present])
+    spread = ((e - protos[torch.searchsorted(present, y)]) ** 2).sum(1).mean().clamp_min(1e-6)
+    head.weight[present] = 2 * protos / spread
+    head.bias[present] = -(protos**2).sum(1) / spread
+
+
+def fine_tune_param_groups(model: nn.Sequential, hp: dict) -> list[dict]:
+    """The new head at --lr; the pretrained layers (unless frozen) at backbone_lr_scale times it, so a
+    few dozen images adapt the features without wiping out what they learnt on the source dataset."""
+    head = list(model[-1].parameters())
+    backbone = [p for p in model[:-1].parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": hp["lr"]}]
+    if backbone:
+        groups.append({"params": backbone, "lr": hp["lr"] * hp.get("backbone_lr_scale", 1.0)})
+    return groups
 
 
 def _history_line(h: dict, epochs: int) -> str:
@@ -247,20 +300,31 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
             raise CnnedgeError(f"--resume: {out} carries no training state")
         config = TrainConfig(**{**resumed["config"], "out": str(out), "device": config.device, "resume": True})
         command = resumed.get("command", command)
-    hp = resolve_hparams(config.arch, config.hparams) if resumed is None else resumed["hparams"]
 
+    if config.freeze_backbone and not config.from_checkpoint:
+        raise CnnedgeError("--freeze-backbone needs --from: there is no pretrained backbone to freeze")
     base = None
     if config.from_checkpoint:
         base = load_checkpoint(config.from_checkpoint)
         config.arch = base["arch"]
+    hp = resolve_hparams(config.arch, config.hparams, fine_tune=base is not None) if resumed is None else resumed["hparams"]
     data = load_data(config.dataset, config.data_dir, config.download)
     if config.limit:
         data.x_train, data.y_train = data.x_train[: config.limit], data.y_train[: config.limit]
+    if config.val_fraction is None:
+        # A fine-tuning set is often tiny (54 images): a 5% split would hold out about 3 images, say
+        # nothing and cost training data. With a test split to report on, keep every image for training.
+        config.val_fraction = 0.0 if base is not None and data.x_test is not None else 0.05
+    if not 0 <= config.val_fraction < 1:
+        raise CnnedgeError(f"--val-fraction must be at least 0 and below 1, not {config.val_fraction}")
     arch = get_arch(config.arch)
     if tuple(data.x_train.shape[1:]) != arch.input_shape:
         raise CnnedgeError(f"{data.name}: images are {tuple(data.x_train.shape[1:])}, {arch.name} expects {arch.input_shape}")
 
     train_idx, val_idx = split_validation(len(data.x_train), config.val_fraction, config.seed)
+    if data.x_test is None and not len(val_idx):
+        raise CnnedgeError(f"{data.name} has no test split and --val-fraction {config.val_fraction} holds out no "
+                           "image: nothing to report accuracy on (add a test/ folder or raise --val-fraction)")
     if resumed is not None or base is not None:  # keep the saved (or base network's) input convention
         mean, std, preprocess = ((resumed or base)[k] for k in ("mean", "std", "preprocess"))
     else:
@@ -285,19 +349,23 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
         history = list(resumed.get("history", []))
         start_epoch = resumed["epoch"] + 1
     model = model.to(device).to(memory_format=torch.channels_last)
-    model.frozen_backbone = config.freeze_backbone and base is not None
+    model.keep_bn_statistics = base is not None
+    if base is not None and config.freeze_backbone and resumed is None:
+        # With the backbone trained as well the features leave the prototypes behind: no gain measured there.
+        imprint_head(model, data.x_train[train_idx].to(device), data.y_train[train_idx].to(device), mean_t, std_t)
     net = model  # what trains; `model` stays the plain module that is evaluated and saved
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        net.frozen_backbone = model.frozen_backbone
+        net.keep_bn_statistics = model.keep_bn_statistics
     from torch.utils.data import DistributedSampler
 
     # Each process takes its own shard of a shuffled order that depends only on (seed, epoch).
     sampler = DistributedSampler(range(len(train_idx)), num_replicas=dist.world, rank=dist.rank,
                                  shuffle=True, seed=config.seed)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], hp)
+    params = fine_tune_param_groups(model, hp) if base is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, hp)
     steps_per_epoch = math.ceil(len(sampler) / hp["batch_size"])
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch)
     if resumed is not None and "optimizer_state" in resumed:
@@ -319,15 +387,20 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
         run_info["fine_tuned_from"] = {"path": str(config.from_checkpoint), "dataset": base.get("dataset")}
 
     processes = f" x {dist.world} processes" if dist.world > 1 else ""
+    if base is not None:
+        backbone = "frozen" if config.freeze_backbone else f"at lr {hp['lr'] * hp.get('backbone_lr_scale', 1.0):.3g}"
+        head = " (imprinted from the class means)" if config.freeze_backbone else ""
+        say(f"fine-tuning {config.from_checkpoint} (trained on {base.get('dataset', '?')}): new {num_classes}-class "
+            f"head{head}, backbone {backbone}, BatchNorm statistics kept")
     say(f"training {config.arch} on {data.name} ({len(train_idx):,} train / {len(val_idx):,} val"
         f"{'' if data.x_test is None else f' / {len(data.x_test):,} test'}) on {device}{processes}: "
         f"{hp['optimizer']} lr {hp['lr']} {hp['schedule']}, batch {hp['batch_size']}, {hp['epochs']} epochs, "
         f"{hp['loss']}{', augment' if hp['augment'] else ''}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    epoch = start_epoch - 1
+    saved = start_epoch - 1  # the last epoch whose checkpoint is on disk
     try:
-        with interruptible():
+        with interruptible() as hold:
             for epoch in range(start_epoch, hp["epochs"] + 1):
                 torch.manual_seed((config.seed * 100_003 + epoch) * 64 + dist.rank)  # augmentation, dropout
                 sampler.set_epoch(epoch)
@@ -349,15 +422,17 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
                          "seconds": time.perf_counter() - t0}
                     history.append(h)
                     say(_history_line(h, hp["epochs"]))
-                    save_checkpoint(out, {**run_info, "epoch": epoch, "complete": False, "history": history,
-                                          "state_dict": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                                          "scheduler_state": scheduler.state_dict()})
+                    with hold():
+                        save_checkpoint(out, {**run_info, "epoch": epoch, "complete": False, "history": history,
+                                              "state_dict": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                                              "scheduler_state": scheduler.state_dict()})
+                        saved = epoch
                 if dist.world > 1:
                     torch.distributed.barrier()  # nobody starts the next epoch before the checkpoint is on disk
     except Interrupted as e:
         code = ExitCode.INTERRUPTED if e.signum == signal.SIGINT else ExitCode.TERMINATED
-        kept = f"{out} keeps epoch {epoch - 1}; continue with --resume" if epoch > 1 else "no epoch completed"
-        raise CnnedgeError(f"interrupted during epoch {epoch}: {kept}", code) from None
+        kept = f"{out} keeps epoch {saved}; continue with --resume" if saved else "no epoch completed"
+        raise CnnedgeError(f"interrupted during epoch {saved + 1}: {kept}", code) from None
 
     if not dist.main:
         return None

@@ -20,7 +20,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -30,9 +29,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cnnedge.atomic import _fsync_dir
+from cnnedge.atomic import commit, temp_beside
 from cnnedge.errors import CnnedgeError, ExitCode
-from cnnedge.preprocess import ImageError, analyse
+from cnnedge.preprocess import ImageError, analyse, quiet_native_stderr
 from cnnedge.runtime import Runtime, _captured_output, topk as top_k
 
 DEFAULT_MODEL = "export/cnn.onnx"
@@ -61,6 +60,8 @@ def parse_source(spec: str) -> tuple[int | str, bool, str]:
         raise CnnedgeError(f"--source {spec}: no such file, and not a camera index or a stream URL")
     if not path.is_file():
         raise CnnedgeError(f"--source {spec}: not a file")
+    if path.stat().st_size == 0:
+        raise CnnedgeError(f"--source {spec}: empty file")
     return str(path), False, spec
 
 
@@ -376,9 +377,7 @@ class VideoSaver:
         if codec is None:
             raise CnnedgeError(f"--save {path}: unsupported extension; use one of {', '.join(VIDEO_CODECS)}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".tmp{self.path.suffix}", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = temp_beside(self.path, suffix=self.path.suffix)
         self.size, self.fps, self.frames = size, fps, 0
         with _captured_output() as log:
             self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*codec), fps, size)
@@ -395,13 +394,7 @@ class VideoSaver:
 
     def commit(self) -> None:
         self.writer.release()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        commit(self.tmp, self.path)
 
     def discard(self) -> None:
         self.writer.release()
@@ -604,7 +597,8 @@ def run(source: str = "0", model: str = DEFAULT_MODEL, provider: str = "cpu", ro
     # Small images, one at a time: OpenCV's thread pool costs more than it saves here, and it would
     # compete with the capture thread for the cores (benchmarks/bench_webcam.py measures both).
     cv2.setNumThreads(1)
-    with FrameSource(source) as src, _StopOnSignal() as stop:
+    # FFmpeg complains about every damaged frame of a video on stderr; the summary says how the run ended.
+    with quiet_native_stderr(), FrameSource(source) as src, _StopOnSignal() as stop:
         resolve_roi(roi_spec, *src.size)  # an ROI outside the frame is a usage error before anything starts
         view = saver = panel = None
         if use_window:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,27 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         [sys.executable, "-m", "cnnedge", *map(str, args)],
         cwd=cwd or ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def run_torch_free(*commands: list[str]) -> subprocess.CompletedProcess:
+    """Run cnnedge commands in one fresh interpreter, as the CLI would, and fail unless every command
+    succeeded without importing torch or torchvision (an edge device has neither)."""
+    code = textwrap.dedent(f"""
+        import sys
+        from cnnedge.cli import main
+        for argv in {[list(map(str, c)) for c in commands]!r}:
+            sys.argv = ["cnnedge", *argv]
+            try:
+                main()
+            except SystemExit as e:
+                assert e.code in (0, None), e.code
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))
+        print("HEAVY", heavy, file=sys.stderr)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stderr, r.stderr
+    return r
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
