@@ -243,6 +243,12 @@ def test_sigkill_during_export_leaves_each_file_complete_or_absent(tmp_path):
     wait_for_a_write(proc, out.parent, timeout=300)
     kill(proc)  # in the middle of writing the first model: no file at all, or only whole ones
     check_export(out)
+    rng = random.Random(0)
+    for _ in range(3):  # then at random moments of a rerun (imports, checks, parity, writes)
+        proc = start(*args)
+        time.sleep(rng.uniform(1.0, 12.0))
+        kill(proc)
+        check_export(out)
 
     proc = start(*args)
     stdout, stderr = proc.communicate(timeout=600)
