@@ -9,7 +9,8 @@
    settings. Goal: total p50 <= 2 ms on the project's 2-core CPU. The labels are checked too, so a
    fast but wrong setting cannot look good.
 3. Where preprocessing spends its time on these ROI crops (cProfile, own time per function).
-4. End to end: `cnnedge webcam --source clip --no-window --format json` (and with --save) as a user
+4. Small digits: still frames with digits 50-140 px tall, labelled right at working sizes 96 and 128.
+5. End to end: `cnnedge webcam --source clip --no-window --format json` (and with --save) as a user
    runs it, in a subprocess: frames per second and the latency it reports.
 
 The machine's load average is printed before and after: figures taken under load are not the CPU's.
@@ -141,6 +142,30 @@ def end_to_end(clip: Path, save: Path | None) -> dict:
     return summary
 
 
+def small_digits(model: str, n: int = 200, seed: int = 5) -> None:
+    """Why the working size is not smaller: the share of still frames labelled right when the digit is
+    small in the frame, per working size (a smaller size is faster but loses small digits)."""
+    rng = np.random.default_rng(seed)
+    page = synth.paper((H, W), rng, shadow=False, lighting=0.2)
+    roi = resolve_roi(None, W, H)
+    print("\nstill frames of one digit, labelled right (200 per row):")
+    for low, high in ((50, 70), (70, 100), (100, 140)):
+        frames = []
+        for _ in range(n):
+            d, height = int(rng.integers(10)), rng.uniform(low, high)
+            centre = (W / 2 + rng.uniform(-30, 30), H / 2 + rng.uniform(-30, 30))
+            cov = synth.draw_strokes((H, W), synth.digit_strokes(d, rng), centre, height,
+                                     max(2.0, height * rng.uniform(0.05, 0.09)), rng, supersample=2)
+            img = page * (1 - cov[..., None]) + np.float32([0.3, 0.12, 0.08]) * cov[..., None]
+            frames.append((synth.camera(img, rng, blur=(0.3, 0.8), noise=(0.005, 0.015), jpeg=None), str(d)))
+        cells = []
+        for work_size in (96, 128):
+            clf = FrameClassifier(model, "cpu", smooth=1, work_size=work_size)
+            right = sum(clf.classify(f, i, roi).label == d for i, (f, d) in enumerate(frames))
+            cells.append(f"work {work_size}: {right}/{n}")
+        print(f"  digits {low}-{high} px tall   " + "   ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=300)
@@ -168,6 +193,7 @@ def main() -> None:
             print(f"  {name:<24} {note:<22} {cells}   {100 * r['accuracy']:5.1f}%")
 
         hot_spots(frames, 128)
+        small_digits(args.model)
 
         print("\nend to end: cnnedge webcam --source clip.mp4 --no-window --format json")
         for save in (None, Path(tmp) / "annotated.mp4"):

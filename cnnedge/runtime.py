@@ -55,7 +55,7 @@ def topk(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @contextlib.contextmanager
-def _captured_output():
+def captured_output():
     """Capture what native code prints on stdout/stderr (onnxruntime logs provider failures there, in colour
     and over several lines): the user gets one line from us instead. Yields a function returning the text."""
     for stream in (sys.stdout, sys.stderr):
@@ -186,7 +186,7 @@ class Runtime:
     def _try_gpu(self, options, provider: str):
         """(session, None) when `provider` really runs the model, else (None, the reason)."""
         wanted = ORT_PROVIDERS[provider][0]
-        with _captured_output() as log:
+        with captured_output() as log:
             if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels when the system has none
                 with contextlib.suppress(Exception):
                     ort.preload_dlls()

@@ -32,7 +32,7 @@ import numpy as np
 from cnnedge.atomic import commit, temp_beside
 from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.preprocess import ImageError, analyse, quiet_native_stderr
-from cnnedge.runtime import Runtime, _captured_output, topk as top_k
+from cnnedge.runtime import Runtime, captured_output, topk as top_k
 
 DEFAULT_MODEL = "export/cnn.onnx"
 FORMATS = ("live", "json")
@@ -86,7 +86,7 @@ class FrameSource:
 
     def __init__(self, spec: str):
         self.target, self.live, self.name = parse_source(spec)
-        with _captured_output() as log:  # OpenCV and FFmpeg print their complaints over several lines
+        with captured_output() as log:  # OpenCV and FFmpeg print their complaints over several lines
             cap = cv2.VideoCapture(self.target)
         if not cap.isOpened():
             raise CnnedgeError(f"cannot open video source {self.name}: {_open_failure(self.target, log())}")
@@ -379,7 +379,7 @@ class VideoSaver:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_beside(self.path, suffix=self.path.suffix)
         self.size, self.fps, self.frames = size, fps, 0
-        with _captured_output() as log:
+        with captured_output() as log:
             self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*codec), fps, size)
         if not self.writer.isOpened():
             self.tmp.unlink(missing_ok=True)
