@@ -91,8 +91,7 @@ def load_torchvision(name: str, root: Path, download: bool) -> Data:
 
 def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
     """ImageFolder tree (one folder per class). With train/ and test/ subfolders, both are used."""
-    from cnnedge.predict import printable, scan_folder
-    from cnnedge.preprocess import ImageError, quiet_native_stderr, read_image, to_network_input
+    from cnnedge.preprocess import ImageError, printable, quiet_native_stderr, read_image, scan_folder, to_network_input
     from cnnedge.report import warn
 
     try:

@@ -313,12 +313,12 @@ def build(class_names: list[str], embeddings: np.ndarray, labels: np.ndarray, fi
 
 
 def _class_folders(folder: Path) -> list[Path]:
-    from cnnedge.predict import _natural_key
+    from cnnedge.preprocess import natural_key
 
     if not folder.is_dir():
         raise CnnedgeError(f"{folder}: {'no such folder' if not folder.exists() else 'not a folder'} "
                            f"(give a folder with one subfolder of images per class)")
-    classes = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=_natural_key)
+    classes = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=natural_key)
     if (folder / "train").is_dir() and any(d.is_dir() for d in (folder / "train").iterdir()):
         raise CnnedgeError(f"{folder}: holds a train/ split with class folders; enroll {folder / 'train'} "
                            f"(and predict on the other split)")
@@ -334,8 +334,8 @@ def enroll(folder: str | os.PathLike, out: str | os.PathLike, model: str, provid
     from rich.markup import escape
     from rich.table import Table
 
-    from cnnedge.predict import Predictor, printable, scan_folder
-    from cnnedge.preprocess import quiet_native_stderr
+    from cnnedge.predict import Predictor
+    from cnnedge.preprocess import printable, quiet_native_stderr, scan_folder
     from cnnedge.report import console, warn
 
     folder = Path(folder)

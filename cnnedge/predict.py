@@ -34,8 +34,8 @@ from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.gallery import Gallery
 from cnnedge.metrics import classification_report, confusion_matrix
 from cnnedge.modelinfo import EMBEDDING_NAME, LOGITS_NAME
-from cnnedge.preprocess import (IMAGE_EXTENSIONS, ImageError, analyse, as_network_input, mnist_like,
-                                quiet_native_stderr, read_image)
+from cnnedge.preprocess import (IMAGE_EXTENSIONS, ImageError, analyse, as_network_input, is_image_name, mnist_like,
+                                natural_key, printable, quiet_native_stderr, read_image, scan_folder)
 from cnnedge.runtime import Runtime, softmax, topk as top_k
 
 DEFAULT_MODEL = "export/cnn.onnx"
@@ -76,36 +76,6 @@ class Prediction:
 # -------------------------------------------------------------------------------------- inputs
 
 
-def printable(path: str) -> str:
-    """A file name that any output accepts: the bytes of a non-UTF-8 name (which Python keeps as lone
-    surrogates, unprintable on a UTF-8 stream) are shown as \\xNN."""
-    try:
-        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a broken name on Windows)
-        return path.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _natural_key(path: Path) -> list:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
-
-
-def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def scan_folder(folder: Path, recursive: bool = False) -> list[Path]:
-    """The images in a folder and in its immediate subfolders (the ImageFolder layout: one folder per
-    class), or at any depth with `recursive`. Hidden files and folders are skipped."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        depth = len(Path(root).relative_to(folder).parts)
-        if not recursive and depth >= 1:
-            dirs[:] = []
-        found += [Path(root) / f for f in files if _is_image_name(Path(f))]
-    return sorted(found, key=_natural_key)
-
-
 def collect_inputs(args: Iterable[str | os.PathLike], recursive: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """Files, folders and glob patterns -> (image paths in order without duplicates, [(arg, problem)]).
     Files named explicitly are kept whatever their extension: if they are not images, decoding says so."""
@@ -123,13 +93,13 @@ def collect_inputs(args: Iterable[str | os.PathLike], recursive: bool = False) -
         elif p.exists() or p.is_symlink():
             paths.append(arg)
         elif glob.has_magic(arg):
-            matches = sorted(glob.glob(arg, recursive=recursive), key=lambda m: _natural_key(Path(m)))
+            matches = sorted(glob.glob(arg, recursive=recursive), key=lambda m: natural_key(Path(m)))
             if not matches:
                 problems.append((arg, "no file matches this pattern"))
             for m in matches:
                 if Path(m).is_dir():
                     paths += [str(f) for f in scan_folder(Path(m), recursive)]
-                elif _is_image_name(Path(m)):
+                elif is_image_name(Path(m)):
                     paths.append(m)
         else:
             problems.append((arg, "no such file or directory"))

@@ -36,9 +36,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import stat
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -112,6 +114,36 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
     return image
 
 
+def printable(path: str) -> str:
+    """A file name that any output accepts: the bytes of a non-UTF-8 name (which Python keeps as lone
+    surrogates, unprintable on a UTF-8 stream) are shown as \\xNN."""
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a broken name on Windows)
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def natural_key(path: Path) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def scan_folder(folder: Path, recursive: bool = False) -> list[Path]:
+    """The images in a folder and in its immediate subfolders (the ImageFolder layout: one folder per
+    class), or at any depth with `recursive`. Hidden files and folders are skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        depth = len(Path(root).relative_to(folder).parts)
+        if not recursive and depth >= 1:
+            dirs[:] = []
+        found += [Path(root) / f for f in files if is_image_name(Path(f))]
+    return sorted(found, key=natural_key)
+
+
 @contextlib.contextmanager
 def quiet_native_stderr():
     """For a batch of files: discard what native decoders print on the process's stderr (libpng, libjpeg,
@@ -176,19 +208,18 @@ def to_gray(image: np.ndarray) -> np.ndarray:
             img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
         img = img.astype(np.float32)
         scale = 1.0
-    if img.ndim == 2:
-        return img.astype(np.float32) * np.float32(scale) if scale != 1.0 or img.dtype != np.float32 else img
-    colour = img[:, :, :3]
-    if img.shape[2] == 4:
-        alpha = img[:, :, 3].astype(np.float32) * np.float32(scale)
-        grey = cv2.cvtColor(colour.astype(np.float32) * np.float32(scale), cv2.COLOR_BGR2GRAY)
-        if float(alpha.min()) > 0.99:  # opaque: the alpha channel says nothing
-            return grey
-        visible = alpha > 0.5
-        light_ink = visible.any() and float(grey[visible].mean()) > 0.6 and visible.mean() < 0.5
-        paper = 0.0 if light_ink else 1.0
-        return grey * alpha + paper * (1.0 - alpha)
-    return cv2.cvtColor(colour.astype(np.float32) * np.float32(scale), cv2.COLOR_BGR2GRAY)
+    if img.ndim == 2:  # floats were made float32 in [0, 1] above (scale 1)
+        return img if scale == 1.0 else img.astype(np.float32) * np.float32(scale)
+    grey = cv2.cvtColor(img[:, :, :3].astype(np.float32) * np.float32(scale), cv2.COLOR_BGR2GRAY)
+    if img.shape[2] == 3:
+        return grey
+    alpha = img[:, :, 3].astype(np.float32) * np.float32(scale)
+    if float(alpha.min()) > 0.99:  # opaque: the alpha channel says nothing
+        return grey
+    visible = alpha > 0.5
+    light_ink = visible.any() and float(grey[visible].mean()) > 0.6 and visible.mean() < 0.5
+    paper = 0.0 if light_ink else 1.0
+    return grey * alpha + paper * (1.0 - alpha)
 
 
 # -------------------------------------------------------------------------------------- helpers
