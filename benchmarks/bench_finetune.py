@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnedge.train import TrainConfig, run
-from cnnedge.zoo import get_arch
+from cnnedge.train.trainer import TrainConfig, run
+from cnnedge.train.zoo import get_arch
+from cnnedge.infer.modelinfo import default_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_RECIPE = {**get_arch("edgenet").recipe, "backbone_lr_scale": 1.0}
@@ -76,8 +77,8 @@ def main() -> None:
                          "cpu_seconds": float(np.mean([r["cpu_seconds"] for r in runs]))})
 
         gallery = Path(tmp) / "greek.gallery.npz"
-        cli("enroll", greek / "train", "--out", gallery, "--model", ROOT / "export/cnn.onnx")
-        few_shot = json.loads(cli("predict", greek / "test", "--model", ROOT / "export/cnn.onnx", "--gallery", gallery,
+        cli("enroll", greek / "train", "--out", gallery, "--model", default_model())
+        few_shot = json.loads(cli("predict", greek / "test", "--model", default_model(), "--gallery", gallery,
                                   "--format", "json"))["summary"]["accuracy"]
         onnx = Path(tmp) / "greek.onnx"
         cli("export", Path(tmp) / "fine-tune_0.pt", "--out", onnx)

@@ -41,9 +41,10 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cnnedge.checkpoint import load_checkpoint  # noqa: E402
-from cnnedge.export import ExportConfig, _Calibration, load_images, quantize_int8  # noqa: E402
-from cnnedge.runtime import DISABLED_OPTIMIZERS  # noqa: E402
+from cnnedge.train.checkpoint import load_checkpoint  # noqa: E402
+from cnnedge.train.export import ExportConfig, _Calibration, load_images, quantize_int8  # noqa: E402
+from cnnedge.infer.runtime import DISABLED_OPTIMIZERS  # noqa: E402
+from cnnedge.infer.modelinfo import default_model  # noqa: E402
 
 FP32_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
 PROPAGATION = "QDQPropagationTransformer"
@@ -107,7 +108,7 @@ def top_nodes(model: bytes, threads: int, disabled, x: np.ndarray, n: int = 3) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "export/cnn.onnx"))
+    ap.add_argument("--model", default=str(default_model()))
     ap.add_argument("--checkpoint", default=str(ROOT / "models/cnn.pt"))
     ap.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     ap.add_argument("--rounds", type=int, default=15)

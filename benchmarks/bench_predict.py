@@ -26,15 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cnnedge.predict import Predictor  # noqa: E402
+from cnnedge.infer.files import read_idx  # noqa: E402
+from cnnedge.infer.predictor import Predictor  # noqa: E402
 from cnnedge.synth import render_digit  # noqa: E402
-
-
-def read_idx(path: Path) -> np.ndarray:
-    data = path.read_bytes()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+from cnnedge.infer.modelinfo import default_model  # noqa: E402
 
 
 def mnist_pngs(folder: Path, n: int) -> tuple[list[str], np.ndarray, str]:
@@ -85,7 +80,7 @@ def time_torch_loop(checkpoint: str, paths: list[str], n: int) -> tuple[float, n
     from PIL import Image
     from torchvision import transforms
 
-    from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint
+    from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt).eval()
@@ -106,7 +101,7 @@ def time_torch_loop(checkpoint: str, paths: list[str], n: int) -> tuple[float, n
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "export/cnn.onnx"))
+    ap.add_argument("--model", default=str(default_model()))
     ap.add_argument("--checkpoint", default=str(ROOT / "models/cnn.pt"))
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--photos", type=int, default=300)

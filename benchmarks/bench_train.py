@@ -24,9 +24,9 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from cnnedge.data import resolve_data_dir
-from cnnedge.train import TrainConfig, run
-from cnnedge.zoo import build_model
+from cnnedge.train.data import resolve_data_dir
+from cnnedge.train.trainer import TrainConfig, run
+from cnnedge.train.zoo import build_model
 
 
 def cnnedge_recipe(epochs: int | None, folder: Path) -> dict:

@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cnnedge import synth  # noqa: E402
-from cnnedge.preprocess import analyse  # noqa: E402
-from cnnedge.webcam import FrameClassifier, draw_overlay, resolve_roi  # noqa: E402
+from cnnedge.infer.preprocess import analyse  # noqa: E402
+from cnnedge.infer.webcam import FrameClassifier, draw_overlay, resolve_roi  # noqa: E402
+from cnnedge.infer.modelinfo import default_model  # noqa: E402
 
 W, H = 640, 480
 
@@ -170,7 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="passes over the clip per setting")
-    ap.add_argument("--model", default=str(ROOT / "export" / "cnn.onnx"))
+    ap.add_argument("--model", default=str(default_model()))
     args = ap.parse_args()
 
     print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "

@@ -28,9 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cnnedge.metrics import confusion_matrix  # noqa: E402
-from cnnedge.predict import Predictor  # noqa: E402
-from cnnedge.preprocess import read_image, to_gray  # noqa: E402
+from cnnedge.infer.predictor import Predictor  # noqa: E402
+from cnnedge.infer.files import read_image  # noqa: E402
+from cnnedge.infer.preprocess import to_gray  # noqa: E402
 from cnnedge.synth import STYLES, render_digit  # noqa: E402
+from cnnedge.infer.modelinfo import default_model  # noqa: E402
 
 
 def write_style(folder: Path, style: str, per_digit: int, seed: int) -> None:
@@ -68,7 +70,7 @@ def evaluate(predictor: Predictor, folder: Path) -> tuple[float, float, int, int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "export/cnn.onnx"))
+    ap.add_argument("--model", default=str(default_model()))
     ap.add_argument("--per-digit", type=int, default=30, help="images per digit and style")
     ap.add_argument("--styles", default=",".join(STYLES))
     ap.add_argument("--seed", type=int, default=1)

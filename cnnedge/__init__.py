@@ -2,7 +2,7 @@
 
 import os
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["Predictor", "__version__"]
 
 # Decompression bombs: OpenCV refuses an image whose header declares more pixels than this, before it
@@ -14,7 +14,7 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "80000000")
 def __getattr__(name: str):
     # Lazy, so `import cnnedge` stays cheap and torch-free.
     if name == "Predictor":
-        from cnnedge.predict import Predictor
+        from cnnedge.infer.predictor import Predictor
 
         return Predictor
     raise AttributeError(f"module 'cnnedge' has no attribute {name!r}")

@@ -21,7 +21,6 @@ null) where it is not installed. MACs need the `onnx` package; without it they a
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -37,16 +36,13 @@ from typing import Callable
 import numpy as np
 
 from cnnedge.errors import CnnedgeError
-from cnnedge.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
+from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, default_model, file_sha256
 
-DEFAULT_MODEL = "export/cnn.onnx"
 DEFAULT_CHECKPOINT = "models/cnn.pt"
-FORMATS = ("table", "json", "markdown")
 PROVIDER_NAMES = ("cpu", "cuda", "tensorrt")
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 ROW_KEYS = ("runtime", "provider", "precision", "batch", "latency_ms_p50", "latency_ms_p99", "images_per_second",
             "accuracy", "size_bytes", "speedup_vs_torch")
-TEST_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}  # torchvision's raw layout
 ACCURACY_BATCH = 500
 MATMUL_SIZE = 512  # fits the caches, like this network's layers: a compute ceiling, not a memory one
 PHOTO_SIZE = (640, 480)
@@ -54,7 +50,7 @@ PHOTO_SIZE = (640, 480)
 
 @dataclass
 class BenchConfig:
-    model: str = DEFAULT_MODEL
+    model: str | None = None  # None: the shipped default model
     checkpoint: str | None = None  # None: models/cnn.pt when it exists
     batch_sizes: tuple[int, ...] = (1, 64, 256)
     providers: tuple[str, ...] = ("auto",)
@@ -128,45 +124,16 @@ def variant_paths(model: Path) -> dict[str, Path]:
     return {"fp32": model, **{p: model.with_name(f"{model.stem}.{p}.onnx") for p in PRECISION_ORDER[1:]}}
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (MNIST's format), plain or gzipped, as a numpy array."""
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise CnnedgeError(f"{path}: not an unsigned-byte idx file")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    if len(data) - 4 - 4 * ndim != math.prod(dims):
-        raise CnnedgeError(f"{path}: truncated idx file ({len(data):,} bytes for shape {dims})")
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def data_root(data_dir: str | None) -> Path:
-    """--data-dir, else $CNNEDGE_DATA, else the user cache folder (as `cnnedge train` looks for it)."""
-    if data_dir:
-        return Path(data_dir)
-    if os.environ.get("CNNEDGE_DATA"):
-        return Path(os.environ["CNNEDGE_DATA"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnedge"
-
-
 def load_test_set(dataset: str, input_shape, data_dir: str | None, limit: int | None):
-    """(uint8 images (N, H, W), labels, source) of the model's test set, or (None, None, why not).
-    Read with numpy from torchvision's raw layout, so no torch is needed."""
-    folder = TEST_SETS.get(dataset)
-    if folder is None:
-        return None, None, f"no accuracy: the model's dataset {dataset or '(unknown)'!r} has no idx test set"
-    raw = data_root(data_dir) / folder / "raw"
-    names = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    paths = [next((p for p in (raw / n, raw / f"{n}.gz") if p.is_file()), None) for n in names]
-    if None in paths:
-        return None, None, f"no accuracy: {raw / names[0]} not found (set --data-dir or CNNEDGE_DATA)"
-    x, y = read_idx(paths[0]), read_idx(paths[1])
-    if x.ndim != 3 or len(x) != len(y) or (1, *x.shape[1:]) != tuple(input_shape):
-        raise CnnedgeError(f"{raw}: test images {x.shape} do not fit the model's input {tuple(input_shape)}")
-    n = len(x) if limit is None else min(limit, len(x))
-    return x[:n], y[:n].astype(np.int64), f"{n:,} {folder} test images"
+    """(uint8 images (N, H, W), labels, source) of the model's test set, or (None, None, why not)."""
+    from cnnedge.infer.files import load_test_set as load
+
+    x, y, source = load(dataset, data_dir, limit)
+    if x is None:
+        return None, None, f"no accuracy: {source}"
+    if (1, *x.shape[1:]) != tuple(input_shape):
+        raise CnnedgeError(f"{source}: test images {x.shape} do not fit the model's input {tuple(input_shape)}")
+    return x, y, source
 
 
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
@@ -202,7 +169,7 @@ def onnx_engine(path: Path, provider: str, threads: int) -> Engine:
     """An onnxruntime session exactly as predict creates it (cnnedge.runtime.Runtime)."""
     import onnxruntime as ort
 
-    from cnnedge.runtime import Runtime
+    from cnnedge.infer.runtime import Runtime
 
     rt = Runtime(path, provider, threads)
     session = rt.session
@@ -219,7 +186,7 @@ def torch_engine(checkpoint: Path, provider: str, threads: int) -> Engine:
     """The checkpoint in PyTorch eager mode (inference_mode), on the CPU or the CUDA device."""
     import torch
 
-    from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint
+    from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     if provider not in ("cpu", "cuda"):
         raise CnnedgeError(f"PyTorch has no {provider} provider")
@@ -253,7 +220,7 @@ def checkpoint_path(cfg: BenchConfig) -> tuple[Path | None, str | None]:
 
 def make_engines(cfg: BenchConfig, threads: int, notes: list[str]) -> list[Engine]:
     """Every engine that really loads, in table order (per provider: torch, fp32, fp16, int8)."""
-    model = Path(cfg.model)
+    model = Path(cfg.model) if cfg.model else default_model()
     if not model.is_file():  # before anything slow
         raise CnnedgeError(f"{model}: no such model file (export one with `cnnedge export`)")
     variants = variant_paths(model)
@@ -474,7 +441,7 @@ def _rate(seconds: np.ndarray, n: int) -> float:
 def bench_preprocess(predictor, images: list[np.ndarray], what: str, repeat: int) -> list[dict]:
     """images/s of `Predictor.preprocess` on decoded images: in one thread, and over predict's own
     thread pool (chunks of 32, as predict submits them)."""
-    from cnnedge.preprocess import ImageError
+    from cnnedge.errors import ImageError
 
     def one(image):
         try:
@@ -587,7 +554,7 @@ def bench_inference(engines: list[Engine], inputs: Inputs, cfg: BenchConfig, pro
 
 def bench_files(model: str, provider: str, threads: int, inputs: Inputs, cfg: BenchConfig, progress) -> tuple[list, list]:
     """Preprocessing rows and end-to-end predict rows, on the crops and on generated photos."""
-    from cnnedge.predict import Predictor
+    from cnnedge.infer.predictor import Predictor
 
     preprocess_rows, predict_rows = [], []
     repeat = max(1, min(3, cfg.repeat))
@@ -796,8 +763,6 @@ def main(cfg: BenchConfig, fmt: str = "table") -> int:
     """The `cnnedge bench` command."""
     from cnnedge.report import err_console
 
-    if fmt not in FORMATS:
-        raise CnnedgeError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if err_console.is_terminal:  # a minute of measuring: say what is running
         with err_console.status("bench") as status:
             doc = run(cfg, lambda message: status.update(f"bench: {message}"))

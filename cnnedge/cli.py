@@ -1,8 +1,9 @@
-"""The `cnnedge` command line. Thin glue: each command imports its module only when it runs,
-so `cnnedge predict` never loads torch and `cnnedge --help` starts instantly."""
+"""The `cnnedge` command line. Thin glue: arguments are checked first, then each command imports its module,
+so `cnnedge predict` never loads torch and a usage error costs what `cnnedge --help` costs."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Optional
 
 import typer
 
+from cnnedge import __version__
+from cnnedge.choices import (BenchFormat, Device, InfoFormat, Loss, Metric, Optimizer, PredictFormat, Provider,
+                             QuantizeOption, Schedule, WebcamFormat)
 from cnnedge.errors import CnnedgeError, ExitCode
 
 app = typer.Typer(
@@ -17,23 +21,40 @@ app = typer.Typer(
     help="Train small CNNs, export them to verified ONNX, and run them fast on edge devices.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
     rich_markup_mode=None,  # help texts say "[default: ...]", which rich markup would swallow
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+TRAIN_MODULES = ("torch", "torchvision", "onnx", "onnxscript", "matplotlib")  # the cnnedge[train] extra
+SHIPPED_MODEL = "[default: the shipped model, cnnedge/infer/model/cnn.onnx in a wheel, export/cnn.onnx in the repo]"
 
 
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and a documented exit code."""
+    # Click's exception types, wherever this Typer keeps them (its own copy of click, or click itself).
+    usage_error = typer.BadParameter.__mro__[1]
+    ClickException = usage_error.__mro__[1]
+    NoArgsIsHelpError = getattr(sys.modules[usage_error.__module__], "NoArgsIsHelpError", ())
     try:
-        app()
+        code = app(prog_name="cnnedge", standalone_mode=False)
+    except NoArgsIsHelpError as e:  # `cnnedge` alone: the help, as a usage error
+        print(e.ctx.get_help() if e.ctx else e.format_message(), file=sys.stderr)
+        code = ExitCode.USAGE
+    except ClickException as e:  # a bad option or value: one line, not a usage block
+        ctx = getattr(e, "ctx", None)
+        command = f" {ctx.command.name}" if ctx is not None and ctx.parent is not None else ""
+        message = e.format_message().replace("Value error, ", "")  # pydantic's prefix on a wrong choice
+        _fail(f"{message} (see `cnnedge{command} --help`)", ExitCode.USAGE)
     except CnnedgeError as e:
         _fail(str(e), e.code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         _fail("interrupted", ExitCode.INTERRUPTED)
+    except BrokenPipeError:  # `| head`: the reader has gone; nothing to say to it
+        _broken_pipe()
     except Exception as e:  # a bug: still no traceback unless asked for
         if os.environ.get("CNNEDGE_DEBUG", "") not in ("", "0"):
             raise
         _fail(f"internal error: {type(e).__name__}: {e} (rerun with CNNEDGE_DEBUG=1 for the traceback)", ExitCode.INTERNAL)
+    sys.exit(int(code or 0))
 
 
 def _fail(message: str, code: int) -> None:
@@ -43,10 +64,46 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _broken_pipe() -> None:
+    # Python would complain again when it flushes stdout at exit: point it at /dev/null first.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    sys.exit(ExitCode.BROKEN_PIPE)
+
+
+def needs_torch(command: str) -> None:
+    """Commands that train or export need the cnnedge[train] extra; say so in one line before importing it."""
+    missing = [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CnnedgeError(f"`cnnedge {command}` needs {', '.join(missing)}, which this install lacks: "
+                           f'pip install "cnnedge[train]"')
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cnnedge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Train small CNNs, export them to verified ONNX, and run them fast on edge devices."""
+
+
+def command(**kwargs):
+    """@app.command with the docstring's first line as the summary `cnnedge --help` shows in full."""
+    def decorate(fn):
+        return app.command(short_help=(fn.__doc__ or "").strip().splitlines()[0], **kwargs)(fn)
+    return decorate
+
+
 # ----------------------------------------------------------------------------------------------- train
 
 
-@app.command()
+@command()
 def train(
     arch: str = typer.Option("edgenet", help="Architecture from `cnnedge summary`."),
     dataset: str = typer.Option("mnist", help="mnist, qmnist, fashion-mnist, kmnist, or imagefolder:PATH."),
@@ -54,26 +111,27 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Epochs [default: the architecture's recipe]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: recipe]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (peak for one-cycle) [default: recipe]."),
-    optimizer: Optional[str] = typer.Option(None, help="sgd, adam, adamw or rmsprop [default: recipe]."),
+    optimizer: Optional[Optimizer] = typer.Option(None, help="Optimizer [default: recipe]."),
     momentum: Optional[float] = typer.Option(None, help="Momentum for sgd and rmsprop [default: recipe]."),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay [default: recipe]."),
-    schedule: Optional[str] = typer.Option(None, help="onecycle, cosine or constant [default: recipe]."),
-    loss: Optional[str] = typer.Option(None, help="cross-entropy or mse [default: recipe]."),
+    schedule: Optional[Schedule] = typer.Option(None, help="Learning-rate schedule [default: recipe]."),
+    loss: Optional[Loss] = typer.Option(None, help="Loss [default: recipe]."),
     label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing for cross-entropy [default: recipe]."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random affine and stroke width [default: recipe]."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    device: Device = typer.Option("auto", help="Where to train: auto picks cuda, then mps, then cpu."),
     seed: int = typer.Option(0, help="Seed: the same seed on CPU gives the same metrics."),
     val_fraction: Optional[float] = typer.Option(None, help="Fraction of the training set held out for validation [default: 0.05; 0 with --from when the dataset has a test split]."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N training images (quick checks)."),
     out: Path = typer.Option(Path("models/cnn.pt"), help="Checkpoint to write (with .metrics.json and plots beside it)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved at --out."),
     download: bool = typer.Option(False, "--download", help="Download the dataset if missing (needs internet)."),
-    from_checkpoint: Optional[Path] = typer.Option(None, "--from", help="Fine-tune this checkpoint: new head for the dataset's classes; unset options come from the fine-tuning recipe (README)."),
+    from_checkpoint: Optional[Path] = typer.Option(None, "--from", help="Fine-tune this checkpoint: new head for the dataset's classes; unset options come from the fine-tuning recipe (docs/training.md)."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="With --from: train only the new head."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots of the curves and confusion matrix."),
 ) -> None:
     """Train a network and write a checkpoint, its metrics JSON and plots."""
-    from cnnedge.train import TrainConfig, run
+    needs_torch("train")
+    from cnnedge.train.trainer import TrainConfig, run
 
     hparams = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                    weight_decay=weight_decay, schedule=schedule, loss=loss, label_smoothing=label_smoothing,
@@ -87,78 +145,44 @@ def train(
 # --------------------------------------------------------------------------------------------- summary
 
 
-@app.command()
+@command()
 def summary(
     arch: Optional[str] = typer.Option(None, help="Print this architecture's layer table."),
     num_classes: int = typer.Option(10, help="Classes of the head (tables are documented for 10)."),
 ) -> None:
     """List the model zoo, or check one architecture's real module against its documented table."""
-    import math
+    needs_torch("summary")
+    from cnnedge.train.zoo import print_summary
 
-    from rich.table import Table
-
-    from cnnedge.report import console, layer_table
-    from cnnedge.zoo import ARCHS, check_layers, get_arch
-
-    if arch is None:
-        table = Table(title="cnnedge model zoo", title_justify="left")
-        for col, justify in (("arch", "left"), ("source", "left"), ("parameters", "right"), ("MACs", "right"), ("table", "left")):
-            table.add_column(col, justify=justify)
-        failed = False
-        for a in ARCHS.values():
-            rows = check_layers(a.build(num_classes), a, num_classes)
-            ok = all(r.ok for r in rows)
-            failed |= not ok
-            params = sum(r.measured.params for r in rows if r.measured)
-            macs = sum(r.measured.macs for r in rows if r.measured)
-            table.add_row(a.name, a.source, f"{params:,}", f"{macs:,}", "[green]ok[/]" if ok else "[red]MISMATCH[/]")
-        console.print(table)
-        if failed:
-            raise CnnedgeError("some networks disagree with their documented tables", ExitCode.CHECK_FAILED)
-        return
-
-    a = get_arch(arch)
-    rows = check_layers(a.build(num_classes), a, num_classes)
-    console.print(layer_table(rows, f"{a.name}: {a.description} [{a.source}]"))
-    params = sum(r.measured.params for r in rows if r.measured)
-    macs = sum(r.measured.macs for r in rows if r.measured)
-    activations = math.prod(a.input_shape) + sum(math.prod(r.measured.shape) for r in rows if r.measured)
-    line = f"total: {params:,} parameters, {macs:,} MACs per image, {activations:,} activations ({4 * activations / 2**20:.2f} MiB fp32) per image incl. input"
-    if a.input_memory is not None:
-        documented = a.input_memory + sum(r.documented.memory or 0 for r in rows if r.documented)
-        line += f"; documented activation total {documented:,}"
-    console.print(line)
-    bad = [r for r in rows if not r.ok]
-    if bad:
-        raise CnnedgeError(f"{a.name}: {len(bad)} layer(s) disagree with the documented table: "
-                           + "; ".join(f"{r.name}: {', '.join(r.problems())}" for r in bad), ExitCode.CHECK_FAILED)
+    print_summary(arch, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------- export
 
 
-@app.command()
+@command()
 def export(
     checkpoint: Path = typer.Argument(..., help="A cnnedge checkpoint (.pt), e.g. models/cnn.pt."),
     out: Optional[Path] = typer.Option(None, help="ONNX file to write [default: export/<checkpoint stem>.onnx]; the report goes beside it as .json."),
     opset: int = typer.Option(18, help="ONNX opset (17 or newer)."),
-    quantize: Optional[list[str]] = typer.Option(None, help="none, fp16 or int8; repeat for both. Variants go beside --out (cnn.fp16.onnx, cnn.int8.onnx); the fp32 model is always written."),
+    quantize: Optional[list[QuantizeOption]] = typer.Option(None, help="Also write this variant beside --out (cnn.fp16.onnx, cnn.int8.onnx); repeat for both. The fp32 model is always written."),
     calibration_images: int = typer.Option(1000, help="Training images that calibrate --quantize int8."),
     data_dir: Optional[Path] = typer.Option(None, help="Dataset root for parity and accuracy [default: $CNNEDGE_DATA, else ~/.cache/cnnedge]."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Export a checkpoint to ONNX, verified layer by layer and against PyTorch, with embedded metadata."""
-    from cnnedge.export import ExportConfig, run
+    needs_torch("export")
+    from cnnedge.train.export import ExportConfig, run
 
     run(ExportConfig(checkpoint=str(checkpoint), out=str(out) if out else None, opset=opset,
-                     quantize=tuple(quantize or ()), calibration_images=calibration_images,
+                     quantize=tuple(q.value for q in quantize or ()), calibration_images=calibration_images,
                      data_dir=str(data_dir) if data_dir else None, force=force))
 
 
 # --------------------------------------------------------------------------------------------- inspect
 
 
-@app.command()
+@command()
 def inspect(
     checkpoint: Path = typer.Argument(..., help="A cnnedge checkpoint (.pt)."),
     image: Optional[Path] = typer.Option(None, help="Also show the filters applied to this image."),
@@ -166,8 +190,9 @@ def inspect(
     out: Optional[Path] = typer.Option(None, help="Folder for the PNGs [default: <checkpoint stem>_inspect beside it]."),
 ) -> None:
     """Filters of a conv layer as a PNG grid, and what they do to an image (cv2.filter2D vs the network)."""
-    from cnnedge.inspection import inspect as run_inspect
+    needs_torch("inspect")
     from cnnedge.report import console
+    from cnnedge.train.inspect import inspect as run_inspect
 
     written, difference = run_inspect(checkpoint, image, layer, out)
     if difference is not None:
@@ -179,26 +204,27 @@ def inspect(
 # --------------------------------------------------------------------------------------------- predict
 
 
-@app.command()
+@command()
 def predict(
     inputs: list[str] = typer.Argument(..., help="Image files, folders (with their class subfolders) or glob patterns."),
-    model: Path = typer.Option(Path("export/cnn.onnx"), help="ONNX model from `cnnedge export`; labels, input size, normalization and preprocessing come from its metadata."),
-    provider: str = typer.Option("auto", help="auto (CUDA when it really loads, else CPU), cpu, cuda or tensorrt."),
+    model: Optional[Path] = typer.Option(None, help=f"ONNX model from `cnnedge export`; labels, input size, normalization and preprocessing come from its metadata {SHIPPED_MODEL}."),
+    provider: Provider = typer.Option("auto", help="onnxruntime execution provider; auto: CUDA when it really loads, else CPU."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into folders at any depth (default: a folder and its immediate subfolders)."),
-    batch_size: int = typer.Option(256, help="Images per inference batch."),
-    topk: int = typer.Option(3, "--topk", help="Most probable classes to show per image."),
-    output_format: str = typer.Option("table", "--format", help="table, json or csv (json and csv go to stdout)."),
+    batch_size: int = typer.Option(256, min=1, help="Images per inference batch."),
+    topk: int = typer.Option(3, "--topk", min=1, help="Most probable classes to show per image."),
+    output_format: PredictFormat = typer.Option("table", "--format", help="Output; json and csv go to stdout."),
     save_crops: Optional[Path] = typer.Option(None, help="Write each 28x28 network input as a PNG into this folder (debugging)."),
-    workers: Optional[int] = typer.Option(None, help="Threads that decode and preprocess [default: CPU count, at most 8]."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Threads that decode and preprocess [default: CPU count, at most 8]."),
     gallery: Optional[Path] = typer.Option(None, help="Classes from `cnnedge enroll` instead of the model's: the nearest class prototype wins."),
-    metric: Optional[str] = typer.Option(None, help="With --gallery: cosine or ssd (sum of squared differences) [default: the gallery's, cosine]."),
+    metric: Optional[Metric] = typer.Option(None, help="With --gallery: cosine, or ssd (sum of squared differences) [default: the gallery's]."),
 ) -> None:
     """Classify images with onnxruntime (no PyTorch): a table, JSON or CSV, and accuracy for class folders."""
-    from cnnedge.predict import run as run_predict
+    from cnnedge.infer.predict import run as run_predict
 
-    code = run_predict(inputs, model=str(model), provider=provider, recursive=recursive, batch_size=batch_size,
-                       topk=topk, fmt=output_format, save_crops=str(save_crops) if save_crops else None,
-                       workers=workers, gallery=str(gallery) if gallery else None, metric=metric)
+    code = run_predict(inputs, model=str(model) if model else None, provider=provider, recursive=recursive,
+                       batch_size=batch_size, topk=topk, fmt=output_format,
+                       save_crops=str(save_crops) if save_crops else None, workers=workers,
+                       gallery=str(gallery) if gallery else None, metric=metric)
     if code:
         raise typer.Exit(code)
 
@@ -206,19 +232,20 @@ def predict(
 # ---------------------------------------------------------------------------------------------- enroll
 
 
-@app.command()
+@command()
 def enroll(
     folder: Path = typer.Argument(..., help="A folder with one subfolder of images per new class (a few images each)."),
     out: Path = typer.Option(..., help="Gallery file to write, e.g. export/greek.gallery.npz."),
-    model: Path = typer.Option(Path("export/cnn.onnx"), help="ONNX model whose embedding output describes the images; predict --gallery must use the same."),
-    provider: str = typer.Option("auto", help="auto (CUDA when it really loads, else CPU), cpu, cuda or tensorrt."),
-    batch_size: int = typer.Option(256, help="Images per inference batch."),
-    workers: Optional[int] = typer.Option(None, help="Threads that decode and preprocess [default: CPU count, at most 8]."),
+    model: Optional[Path] = typer.Option(None, help=f"ONNX model whose embedding output describes the images; predict --gallery must use the same {SHIPPED_MODEL}."),
+    provider: Provider = typer.Option("auto", help="onnxruntime execution provider; auto: CUDA when it really loads, else CPU."),
+    batch_size: int = typer.Option(256, min=1, help="Images per inference batch."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Threads that decode and preprocess [default: CPU count, at most 8]."),
 ) -> None:
     """Add new classes without training (no PyTorch): store the images' embeddings and class prototypes."""
-    from cnnedge.gallery import enroll as run_enroll
+    from cnnedge.infer.enroll import run as run_enroll
 
-    code = run_enroll(folder, out, model=str(model), provider=provider, batch_size=batch_size, workers=workers)
+    code = run_enroll(folder, out, model=str(model) if model else None, provider=provider, batch_size=batch_size,
+                      workers=workers)
     if code:
         raise typer.Exit(code)
 
@@ -226,53 +253,67 @@ def enroll(
 # ---------------------------------------------------------------------------------------------- webcam
 
 
-@app.command()
+@command()
 def webcam(
     source: str = typer.Option("0", help="Camera index, video file or stream URL (anything cv2.VideoCapture opens)."),
-    model: Path = typer.Option(Path("export/cnn.onnx"), help="ONNX model from `cnnedge export` (preprocessing and labels from its metadata)."),
-    provider: str = typer.Option("cpu", help="cpu, auto, cuda or tensorrt. One frame at a time, a small network runs in about 0.1 ms on the CPU."),
+    model: Optional[Path] = typer.Option(None, help=f"ONNX model from `cnnedge export` (preprocessing and labels from its metadata) {SHIPPED_MODEL}."),
+    provider: Provider = typer.Option("cpu", help="onnxruntime execution provider. One frame at a time, a small network runs in about 0.1 ms on the CPU."),
     roi: Optional[str] = typer.Option(None, help="Region to search: x,y,w,h in pixels, or full. Default: a centred square, 60% of the short side."),
-    smooth: int = typer.Option(5, help="Average the probabilities of the last K frames (1: no smoothing)."),
-    min_confidence: float = typer.Option(0.5, help="Below this smoothed confidence the label is shown as unsure (null in JSON)."),
+    smooth: int = typer.Option(5, min=1, help="Average the probabilities of the last K frames (1: no smoothing)."),
+    min_confidence: float = typer.Option(0.5, min=0.0, max=1.0, help="Below this smoothed confidence the label is shown as unsure (null in JSON)."),
     window: Optional[bool] = typer.Option(None, "--window/--no-window", help="OpenCV window, or a terminal panel. Default: a window when a display is present."),
-    output_format: str = typer.Option("live", "--format", help="live (window or terminal panel) or json (one line per frame on stdout, then a summary)."),
-    max_frames: Optional[int] = typer.Option(None, help="Stop after N processed frames."),
+    output_format: WebcamFormat = typer.Option("live", "--format", help="live (window or terminal panel) or json (one line per frame on stdout, then a summary)."),
+    max_frames: Optional[int] = typer.Option(None, min=1, help="Stop after N processed frames."),
     save: Optional[Path] = typer.Option(None, help="Write the annotated video here (.mp4, .m4v, .mov, .mkv or .avi)."),
-    work_size: int = typer.Option(128, help="Analyse the ROI at most this many pixels on its long side (raise it for small digits with --roi full)."),
+    work_size: int = typer.Option(128, min=28, help="Analyse the ROI at most this many pixels on its long side (raise it for small digits with --roi full)."),
 ) -> None:
     """Live digit recognition on a camera, video file or stream: overlay window, terminal panel or JSON lines."""
-    from cnnedge.webcam import run as run_webcam
+    from cnnedge.infer.webcam import run as run_webcam
 
-    code = run_webcam(source, model=str(model), provider=provider, roi=roi, smooth=smooth,
+    code = run_webcam(source, model=str(model) if model else None, provider=provider, roi=roi, smooth=smooth,
                       min_confidence=min_confidence, window=window, fmt=output_format, max_frames=max_frames,
                       save=str(save) if save else None, work_size=work_size)
     if code:
         raise typer.Exit(code)
 
 
+# ------------------------------------------------------------------------------------------------ info
+
+
+@command()
+def info(
+    model: Optional[Path] = typer.Argument(None, help=f"An ONNX model from `cnnedge export` {SHIPPED_MODEL}."),
+    output_format: InfoFormat = typer.Option("table", "--format", help="Output; json goes to stdout."),
+) -> None:
+    """What a deployed model is, from its metadata: classes, input, preprocessing, precision, accuracy, sha256."""
+    from cnnedge.infer.info import run as run_info
+
+    run_info(str(model) if model else None, output_format)
+
+
 # ----------------------------------------------------------------------------------------------- bench
 
 
-@app.command()
+@command()
 def bench(
-    model: Path = typer.Option(Path("export/cnn.onnx"), help="fp32 ONNX model; its variants beside it (cnn.fp16.onnx, cnn.int8.onnx) get rows too."),
+    model: Optional[Path] = typer.Option(None, help=f"fp32 ONNX model; its variants beside it (cnn.fp16.onnx, cnn.int8.onnx) get rows too {SHIPPED_MODEL}."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint for the PyTorch eager rows [default: models/cnn.pt when present; none without torch]."),
     batch_sizes: str = typer.Option("1,64,256", help="Comma-separated batch sizes."),
     providers: str = typer.Option("auto", help="Comma-separated cpu, cuda, tensorrt; auto: cpu, and cuda where it really loads."),
-    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads and torch threads [default: CPU count]."),
-    warmup: int = typer.Option(10, help="Untimed calls before each measurement."),
-    repeat: int = typer.Option(30, help="At least this many timed calls per row (and 3 runs of the file benchmarks)."),
-    min_time: float = typer.Option(1.0, help="And at least this many seconds per row."),
-    images: int = typer.Option(2000, help="28x28 images for the preprocessing and end-to-end runs (0: skip)."),
-    photos: int = typer.Option(100, help="Generated 640x480 photos for the preprocessing and end-to-end runs (0: skip)."),
-    test_images: Optional[int] = typer.Option(None, help="Accuracy on the first N test images [default: all]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op threads and torch threads [default: CPU count]."),
+    warmup: int = typer.Option(10, min=0, help="Untimed calls before each measurement."),
+    repeat: int = typer.Option(30, min=1, help="At least this many timed calls per row (and 3 runs of the file benchmarks)."),
+    min_time: float = typer.Option(1.0, min=0.0, help="And at least this many seconds per row."),
+    images: int = typer.Option(2000, min=0, help="28x28 images for the preprocessing and end-to-end runs (0: skip)."),
+    photos: int = typer.Option(100, min=0, help="Generated 640x480 photos for the preprocessing and end-to-end runs (0: skip)."),
+    test_images: Optional[int] = typer.Option(None, min=1, help="Accuracy on the first N test images [default: all]."),
     data_dir: Optional[Path] = typer.Option(None, help="Dataset root with the test set [default: $CNNEDGE_DATA, else ~/.cache/cnnedge]."),
-    output_format: str = typer.Option("table", "--format", help="table, json or markdown (to stdout)."),
+    output_format: BenchFormat = typer.Option("table", "--format", help="Output (to stdout)."),
 ) -> None:
     """Latency, throughput, accuracy and size of PyTorch eager vs onnxruntime fp32/fp16/int8, preprocessing and end to end."""
     from cnnedge.bench import BenchConfig, main as run_bench, parse_batch_sizes, parse_providers
 
-    config = BenchConfig(model=str(model), checkpoint=str(checkpoint) if checkpoint else None,
+    config = BenchConfig(model=str(model) if model else None, checkpoint=str(checkpoint) if checkpoint else None,
                          batch_sizes=parse_batch_sizes(batch_sizes), providers=parse_providers(providers), threads=threads,
                          warmup=warmup, repeat=repeat, min_time=min_time, images=images, photos=photos,
                          test_images=test_images, data_dir=str(data_dir) if data_dir else None)

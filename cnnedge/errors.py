@@ -10,6 +10,7 @@ class ExitCode(IntEnum):
     CHECK_FAILED = 3  # a model disagrees with its documented layer table, or ONNX parity failed
     INTERNAL = 4  # a bug in cnnedge: rerun with CNNEDGE_DEBUG=1 for the traceback
     INTERRUPTED = 130  # SIGINT (Ctrl-C); the last completed epoch's checkpoint is kept
+    BROKEN_PIPE = 141  # stdout's reader went away (`| head`): 128 + SIGPIPE, as a shell reports it; no message
     TERMINATED = 143  # SIGTERM; same guarantee as SIGINT
 
 
@@ -19,3 +20,7 @@ class CnnedgeError(Exception):
     def __init__(self, message: str, code: int = ExitCode.USAGE):
         super().__init__(message)
         self.code = int(code)
+
+
+class ImageError(Exception):
+    """An input that cannot be turned into a network input; the message names the reason."""

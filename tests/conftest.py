@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cnnedge.infer.modelinfo import default_model
+
 ROOT = Path(__file__).resolve().parents[1]
+MODEL = default_model()  # the shipped model (export/cnn.onnx in the repo)
 if os.environ.get("CNNEDGE_DATA"):
     # Subprocesses and tests that change directory must see the same folder.
     os.environ["CNNEDGE_DATA"] = str(Path(os.environ["CNNEDGE_DATA"]).resolve())

@@ -24,13 +24,14 @@ import numpy as np
 import pytest
 from PIL import Image  # test-only: OpenCV cannot write CMYK JPEG or animated GIF (Pillow comes with matplotlib)
 
-from cnnedge import preprocess as P
+from cnnedge.errors import ImageError
+from cnnedge.infer import files as F
+from cnnedge.infer import preprocess as P
 from cnnedge.synth import render_digit
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import MODEL, ROOT, assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="FIFOs, file modes and symlinks as on POSIX")
 
-MODEL = ROOT / "export" / "cnn.onnx"
 NON_UTF8 = b"caf\xe9.png"  # Latin-1 bytes: not valid UTF-8
 
 
@@ -113,7 +114,7 @@ def build_corpus(root: Path) -> list[Kind]:
     bad("bomb.png", "size limit", png_bomb(20000, 20000))
     bad("bomb.jpg", "size limit", jpeg_claiming(60000, 60000, jpg))
     with open(root / "sparse.png", "wb") as f:  # over the file-size limit; sparse, so it takes no disk space
-        f.truncate(P.MAX_FILE_BYTES + 1)
+        f.truncate(F.MAX_FILE_BYTES + 1)
     bad("sparse.png", "file limit")
     # Valid but unusual encodings of the same digit: all must be read right.
     cv2.imwrite(str(root / "sixteen.png"), grey.astype(np.uint16) * 257)
@@ -252,8 +253,8 @@ def test_decompression_bomb_is_refused_without_decoding(corpus):
 
 
 def test_pixel_limit_is_set_before_opencv_loads_and_matches_the_documented_constant():
-    code = ("import os, sys; from cnnedge import preprocess as P;"
-            "assert os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'] == str(P.MAX_PIXELS) == '80000000';"
+    code = ("import os, sys; from cnnedge.infer import files as F;"
+            "assert os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'] == str(F.MAX_PIXELS) == '80000000';"
             "import cv2, numpy as np;"
             "sys.exit(0 if cv2.imdecode(np.frombuffer(sys.stdin.buffer.read(), np.uint8), 0) is not None else 1)")
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
@@ -273,16 +274,16 @@ def test_the_python_api_raises_image_error_for_every_bad_kind(corpus):
         if k.name.startswith("bomb"):
             continue  # cv2 was imported before cnnedge here: OpenCV's limit is off (see test_pixel_limit_...)
         if k.label is not None:
-            x = P.prepare(P.read_image(root / k.name))
+            x = P.prepare(F.read_image(root / k.name))
             assert x.shape == (28, 28) and x.dtype == np.float32
         elif k.reason in ("too small", "no symbol found"):
-            with pytest.raises(P.ImageError, match=k.reason):
-                P.prepare(P.read_image(root / k.name))
+            with pytest.raises(ImageError, match=k.reason):
+                P.prepare(F.read_image(root / k.name))
         else:
-            with pytest.raises(P.ImageError, match=k.reason):
-                P.read_image(root / k.name)
-    with pytest.raises(P.ImageError, match="is a directory"):
-        P.read_image(root / "folder.png")
+            with pytest.raises(ImageError, match=k.reason):
+                F.read_image(root / k.name)
+    with pytest.raises(ImageError, match="is a directory"):
+        F.read_image(root / "folder.png")
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -293,7 +294,7 @@ def tiny_onnx(path: Path, graph_input: list, metadata_shape: tuple[int, int, int
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from cnnedge.modelinfo import ModelInfo
+    from cnnedge.infer.modelinfo import ModelInfo
 
     features = int(np.prod([d for d in graph_input[1:]]))
     weight = numpy_helper.from_array(np.zeros((features, 10), np.float32), "w")
@@ -396,7 +397,7 @@ def imagefolder_with_bad_files(root: Path, corpus_root: Path, kinds: list[Kind])
         elif k.name == "locked.png":  # unreadable: not even copied
             (into / k.name).write_bytes(b"")
             os.chmod(into / k.name, 0)
-        elif src.stat().st_size > P.MAX_FILE_BYTES:
+        elif src.stat().st_size > F.MAX_FILE_BYTES:
             with open(into / k.name, "wb") as f:
                 f.truncate(src.stat().st_size)  # sparse again, not a gigabyte copied
         else:
@@ -432,7 +433,7 @@ def test_train_on_an_imagefolder_without_a_readable_image_is_an_error(corpus, tm
     finally:
         empty.chmod(0o755)
     assert not (tmp_path / "e.pt").exists()
-    from cnnedge.data import load_data
+    from cnnedge.train.data import load_data
     from cnnedge.errors import CnnedgeError
 
     bad_only = tmp_path / "bad_only"

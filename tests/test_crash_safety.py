@@ -16,8 +16,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from cnnedge.checkpoint import load_checkpoint
-from cnnedge.modelinfo import ModelInfo
+from cnnedge.train.checkpoint import load_checkpoint
+from cnnedge.infer.modelinfo import ModelInfo
 from conftest import ROOT, assert_one_line_error
 
 EPOCHS = 60
@@ -191,7 +191,7 @@ def test_sigterm_abandons_the_epoch_in_progress_and_keeps_the_last_checkpoint(tm
 
 
 def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
-    from cnnedge.train import Interrupted, interruptible
+    from cnnedge.train.trainer import Interrupted, interruptible
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     steps = []

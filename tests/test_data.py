@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cnnedge.data import augment_batch, load_data, normalization, split_validation
+from cnnedge.train.data import augment_batch, load_data, normalization, split_validation
 from conftest import assert_one_line_error, run_cli
 
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint
+from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import ROOT
 
 

@@ -19,11 +19,11 @@ from onnxscript import ir
 from torch import nn
 
 from cnnedge import __version__, cli
-from cnnedge import export as ex
-from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from cnnedge.modelinfo import ModelInfo
-from cnnedge.zoo import ARCHS, build_edgenet, get_arch
-from conftest import ROOT, assert_one_line_error, run_cli
+from cnnedge.train import export as ex
+from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cnnedge.infer.modelinfo import ModelInfo
+from cnnedge.train.zoo import ARCHS, build_edgenet, get_arch
+from conftest import MODEL, ROOT, assert_one_line_error, run_cli
 
 SHIPPED = ROOT / "models" / "cnn.pt"
 
@@ -59,7 +59,7 @@ def export_cli(monkeypatch, *args: str) -> int:
 
 
 def mnist_test(n: int, checkpoint: dict) -> tuple[np.ndarray, np.ndarray]:
-    from cnnedge.data import load_data
+    from cnnedge.train.data import load_data
 
     data = load_data("mnist")
     mean, std = checkpoint["mean"][0], checkpoint["std"][0]
@@ -287,7 +287,7 @@ def test_onnxruntime_fuses_conv_bn_relu_at_load(shipped, tmp_path):
 
 def test_shipped_export_is_current():
     """export/cnn.onnx is the shipped models/cnn.pt, exported and verified."""
-    path = ROOT / "export" / "cnn.onnx"
+    path = MODEL
     info = ModelInfo.from_props(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map)
     assert info.checkpoint_sha256 == hashlib.sha256(SHIPPED.read_bytes()).hexdigest()
     report = json.loads((ROOT / "export" / "cnn.json").read_text())

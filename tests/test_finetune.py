@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from cnnedge.checkpoint import load_checkpoint
-from cnnedge.train import FINETUNE_HPARAMS
+from cnnedge.train.checkpoint import load_checkpoint
+from cnnedge.train.trainer import FINETUNE_HPARAMS
 from conftest import ROOT, assert_one_line_error, run_cli
 
 SOURCE = ROOT / "models/cnn.pt"  # the shipped digits model (MNIST)

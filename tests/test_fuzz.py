@@ -16,9 +16,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cnnedge import preprocess as P
+from cnnedge.choices import PREPROCESS_MODES
+from cnnedge.errors import ImageError
+from cnnedge.infer import files as F
+from cnnedge.infer import preprocess as P
 from cnnedge.errors import CnnedgeError
-from cnnedge.modelinfo import ModelInfo
+from cnnedge.infer.modelinfo import ModelInfo
 from cnnedge.synth import render_digit
 
 # CNNEDGE_FUZZ_EXAMPLES=5000 for a deeper search than the suite's quick one.
@@ -37,7 +40,7 @@ def prepared_or_image_error(image: np.ndarray, **kwargs) -> None:
     """The contract: a valid (28, 28) float32 input in [0, 1], or ImageError with a message."""
     try:
         x = P.prepare(image, **kwargs)
-    except P.ImageError as e:
+    except ImageError as e:
         assert str(e).strip(), "an ImageError must say why"
         return
     check_network_input(x, kwargs.get("size", 28))
@@ -84,7 +87,7 @@ def test_prepare_returns_a_valid_input_or_an_image_error(image):
 
 
 @FAST
-@given(images(max_side=40), st.sampled_from(P.MODES), st.sampled_from(P.INK),
+@given(images(max_side=40), st.sampled_from(PREPROCESS_MODES), st.sampled_from(P.INK),
        st.tuples(st.integers(-50, 60), st.integers(-50, 60), st.integers(-10, 80), st.integers(-10, 80)) | st.none())
 def test_prepare_with_any_mode_ink_and_roi(image, mode, ink, roi):
     prepared_or_image_error(image, mode=mode, ink=ink, roi=roi)
@@ -125,8 +128,8 @@ VALID_FILES = _png_and_jpeg()
 
 def decoded_or_image_error(data: bytes) -> None:
     try:
-        image = P.decode_image(data)
-    except P.ImageError as e:
+        image = F.decode_image(data)
+    except ImageError as e:
         assert str(e).strip()
         return
     assert isinstance(image, np.ndarray) and image.size > 0 and image.ndim in (2, 3)
@@ -190,7 +193,7 @@ def parsed_or_cnnedge_error(props: dict) -> None:
     assert isinstance(info.class_names, list) and info.class_names and all(isinstance(n, str) for n in info.class_names)
     assert len(info.mean) == len(info.std) == c and all(s > 0 for s in info.std)
     assert np.isfinite(info.mean).all() and np.isfinite(info.std).all()
-    assert info.preprocess in P.MODES and info.precision in ("fp32", "fp16", "int8")
+    assert info.preprocess in PREPROCESS_MODES and info.precision in ("fp32", "fp16", "int8")
     assert info.test_accuracy is None or isinstance(info.test_accuracy, float)
     assert ModelInfo.from_props(info.to_props(), source="again") == info  # it round-trips
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_cli, run_torch_free
+from conftest import MODEL, ROOT, assert_one_line_error, run_cli, run_torch_free
 from cnnedge.errors import CnnedgeError
-from cnnedge.gallery import Gallery, enroll
+from cnnedge.infer.enroll import run as enroll
+from cnnedge.infer.gallery import Gallery
 
-MODEL = ROOT / "export" / "cnn.onnx"
 CLASSES = ["alpha", "beta", "delta", "epsilon", "gamma", "lambda"]
 
 
@@ -283,4 +283,4 @@ def test_gallery_from_other_weights_or_dimension_is_refused(greek_dir, gallery_f
 def test_metric_needs_a_gallery_and_must_be_known(gallery_file):
     assert_one_line_error(run_cli("predict", "samples/", "--metric", "ssd"), 2, "--metric needs --gallery")
     assert_one_line_error(run_cli("predict", "samples/", "--gallery", gallery_file, "--metric", "l1"), 2,
-                          "unknown metric 'l1'")
+                          "'l1' is not one of 'cosine', 'ssd'")

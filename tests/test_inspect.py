@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cnnedge.inspection import GAP, TILE, grid_shape, inspect
+from cnnedge.train.inspect import GAP, TILE, grid_shape, inspect
 from conftest import ROOT, assert_one_line_error, run_cli
 
 CHECKPOINT = ROOT / "models" / "cnn.pt"
@@ -56,8 +56,8 @@ def test_seed_network_with_valid_padding_and_even_kernel(tmp_path, handwritten_d
     # keras_convnet's first conv is 4x4 without padding: filter2D's anchor must be accounted for.
     import torch
 
-    from cnnedge.checkpoint import save_checkpoint
-    from cnnedge.zoo import build_model
+    from cnnedge.train.checkpoint import save_checkpoint
+    from cnnedge.train.zoo import build_model
 
     torch.manual_seed(0)
     model = build_model("keras_convnet")

@@ -13,20 +13,13 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_cli, run_torch_free
-from cnnedge.predict import Predictor, collect_inputs
+from conftest import MODEL, ROOT, assert_one_line_error, run_cli, run_torch_free
+from cnnedge.infer.files import collect_inputs, read_idx
+from cnnedge.infer.predictor import Predictor
 from cnnedge.synth import HANDWRITING_STYLES, render_digit
 
-MODEL = ROOT / "export" / "cnn.onnx"
 SAMPLES = ROOT / "samples"
 N_SAMPLES = sum(1 for p in SAMPLES.rglob("*") if p.is_file() and p.suffix != ".py")
-
-
-def read_idx(path) -> np.ndarray:
-    data = path.read_bytes()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +157,7 @@ def test_csv(tmp_path):
 
 def test_cuda_that_cannot_load_is_one_line_and_exit_2():
     from cnnedge.errors import CnnedgeError
-    from cnnedge.runtime import Runtime
+    from cnnedge.infer.runtime import Runtime
 
     try:
         Runtime(MODEL, "cuda")
@@ -180,8 +173,8 @@ def test_usage_errors_exit_2(tmp_path):
     assert_one_line_error(run_cli("predict", "samples/", "--model", tmp_path / "none.onnx"), 2, "no such model file")
     (tmp_path / "fake.onnx").write_bytes(b"\x00garbage")
     assert_one_line_error(run_cli("predict", "samples/", "--model", tmp_path / "fake.onnx"), 2, "not a loadable ONNX")
-    assert_one_line_error(run_cli("predict", "samples/", "--format", "xml"), 2, "unknown format")
-    assert_one_line_error(run_cli("predict", "samples/", "--provider", "tpu"), 2, "unknown provider")
+    assert_one_line_error(run_cli("predict", "samples/", "--format", "xml"), 2, "'xml' is not one of 'table', 'json', 'csv'")
+    assert_one_line_error(run_cli("predict", "samples/", "--provider", "tpu"), 2, "'tpu' is not one of")
     r = run_cli("predict", tmp_path / "nothing_here_*.png")
     assert r.returncode == 2 and "no images to predict" in r.stderr and "Traceback" not in r.stderr
 

@@ -6,17 +6,13 @@ import cv2
 import numpy as np
 import pytest
 
-from cnnedge import preprocess as P
+from cnnedge.errors import ImageError
+from cnnedge.infer import files as F
+from cnnedge.infer.files import read_idx
+from cnnedge.infer import preprocess as P
 from cnnedge.synth import STYLES, digit_strokes, draw_strokes, render_digit
 
 MODEL = "export/cnn.onnx"
-
-
-def read_idx(path) -> np.ndarray:
-    data = path.read_bytes()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def stroke_width(x: np.ndarray) -> float:
@@ -64,7 +60,7 @@ def test_inverted_mnist_comes_back_as_mnist(data_root):
 def test_mnist_upscaled_onto_paper_goes_through_the_full_pipeline(data_root):
     """MNIST digits printed large, dark on a light page: the full pipeline (no pass-through) must give
     back MNIST's geometry and keep the model's accuracy on them."""
-    from cnnedge.runtime import Runtime
+    from cnnedge.infer.runtime import Runtime
 
     images = read_idx(data_root / "MNIST/raw/t10k-images-idx3-ubyte")[:300]
     labels = read_idx(data_root / "MNIST/raw/t10k-labels-idx1-ubyte")[:300]
@@ -189,9 +185,9 @@ def test_roi_finds_the_symbol_inside_it_and_reports_frame_coordinates():
 def test_nothing_to_classify_is_an_image_error():
     for img in (np.full((100, 100), 255, np.uint8), np.zeros((50, 80, 3), np.uint8),
                 np.random.default_rng(0).normal(128, 2, (64, 64)).clip(0, 255).astype(np.uint8)):
-        with pytest.raises(P.ImageError, match="no symbol"):
+        with pytest.raises(ImageError, match="no symbol"):
             P.prepare(img)
-    with pytest.raises(P.ImageError, match="region of interest"):
+    with pytest.raises(ImageError, match="region of interest"):
         P.prepare(np.zeros((10, 10), np.uint8), roi=(20, 20, 5, 5))
 
 
@@ -202,8 +198,8 @@ def test_undecodable_files_are_image_errors(tmp_path):
     (tmp_path / "folder.png").mkdir()
     for name, reason in (("empty.png", "empty"), ("text.png", "not a decodable"), ("truncated.png", "not a decodable"),
                          ("folder.png", "directory"), ("missing.png", "No such file")):
-        with pytest.raises(P.ImageError, match=reason):
-            P.read_image(tmp_path / name)
+        with pytest.raises(ImageError, match=reason):
+            F.read_image(tmp_path / name)
 
 
 def test_fit_mode_fills_the_frame():

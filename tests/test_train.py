@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint
-from cnnedge.data import load_data
+from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
+from cnnedge.train.data import load_data
 from conftest import ROOT, assert_one_line_error, run_cli
 
 SMALL = ("--limit", "3000", "--epochs", "2", "--no-plots")

@@ -16,13 +16,13 @@ import pytest
 import torch
 from onnx.external_data_helper import set_external_data
 
-from cnnedge import checkpoint as ckpt
+from cnnedge.train import checkpoint as ckpt
 from cnnedge.errors import CnnedgeError
-from cnnedge.runtime import MAX_MODEL_BYTES
-from conftest import ROOT, assert_one_line_error, run_cli
+from cnnedge.infer.runtime import MAX_MODEL_BYTES
+from conftest import MODEL, ROOT, assert_one_line_error, run_cli
 
 SHIPPED_PT = ROOT / "models" / "cnn.pt"
-SHIPPED_ONNX = ROOT / "export" / "cnn.onnx"
+
 SAMPLE = ROOT / "samples" / "0" / "00_mnist_like.png"
 
 
@@ -158,7 +158,7 @@ def test_an_oversized_model_is_refused_before_loading(tmp_path):
 
 def with_external_weights(model_dir: Path, location: str) -> tuple[Path, bytes]:
     """The shipped model with its largest weight tensor moved to an external file at `location`."""
-    model = onnx.load(str(SHIPPED_ONNX))
+    model = onnx.load(str(MODEL))
     tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
     raw = tensor.raw_data
     set_external_data(tensor, location=location, offset=0, length=len(raw))
@@ -181,7 +181,7 @@ def test_external_weights_inside_the_model_folder_are_used(tmp_path):
     path, raw = with_external_weights(tmp_path / "model", "weights/cnn.bin")
     (tmp_path / "model" / "weights").mkdir()
     (tmp_path / "model" / "weights" / "cnn.bin").write_bytes(raw)
-    assert predict_json(path)["topk"] == predict_json(SHIPPED_ONNX)["topk"]
+    assert predict_json(path)["topk"] == predict_json(MODEL)["topk"]
 
 
 @pytest.mark.parametrize("how", ["../ in the location", "an absolute location", "a symlink leading out"])

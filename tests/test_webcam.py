@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_cli, run_torch_free
-from cnnedge import synth, webcam
+from conftest import MODEL, ROOT, assert_one_line_error, run_cli, run_torch_free
+from cnnedge import synth
+from cnnedge.infer import webcam
 
 SIZE = (640, 480)
 DIGITS = [3, 7, None, 0, 4, 9, 1, 2, 5, 6, 8]  # None: blank paper, nothing to read
@@ -157,7 +158,7 @@ def test_roi_decides_where_to_look(clip):
 
 @pytest.fixture(scope="module")
 def classifier():
-    return webcam.FrameClassifier(ROOT / "export" / "cnn.onnx", "cpu", smooth=1)
+    return webcam.FrameClassifier(MODEL, "cpu", smooth=1)
 
 
 def test_no_digit_rather_than_a_guess(classifier):
@@ -255,7 +256,7 @@ def test_unopenable_sources_and_bad_options_are_one_line_errors(clip, tmp_path):
     assert_one_line_error(run_cli("webcam", "--source", "http://127.0.0.1:9/stream.mjpg", "--no-window"), 2,
                           "cannot open video source http://127.0.0.1:9/stream.mjpg")
     for args, fragment in ((["--roi", "1,2,3"], "expected x,y,w,h"), (["--roi", "900,0,10,10"], "outside the 640x480"),
-                           (["--format", "xml"], "unknown format"), (["--smooth", "0"], "--smooth"),
+                           (["--format", "xml"], "'xml' is not one of"), (["--smooth", "0"], "--smooth"),
                            (["--save", tmp_path / "x.gif"], "unsupported extension"),
                            (["--max-frames", "0"], "--max-frames"), (["--model", tmp_path / "none.onnx"], "no such model"),
                            (["--window"], "no display")):
@@ -345,7 +346,7 @@ def test_window_keys_toggle_the_network_input_and_quit(clip, monkeypatch, capsys
     monkeypatch.setattr(webcam.cv2, "waitKey", lambda delay: next(keys, -1))
     monkeypatch.setattr(webcam.cv2, "getWindowProperty", lambda *a: 1.0)
     monkeypatch.setattr(webcam.cv2, "destroyWindow", lambda *a: None)
-    code = webcam.run(str(path), model=str(ROOT / "export" / "cnn.onnx"), smooth=1)
+    code = webcam.run(str(path), model=str(MODEL), smooth=1)
     assert code == 0
     assert len(shown) == 6
     assert f"6 frames from {path} (quit)" in capsys.readouterr().out
@@ -368,7 +369,7 @@ def test_window_falls_back_to_headless_without_gui_support(clip, monkeypatch, ca
         raise cv2.error("The function is not implemented")
 
     monkeypatch.setattr(webcam.cv2, "namedWindow", no_gui)
-    code = webcam.run(str(path), model=str(ROOT / "export" / "cnn.onnx"), fmt="json", max_frames=3)
+    code = webcam.run(str(path), model=str(MODEL), fmt="json", max_frames=3)
     assert code == 0
     captured = capsys.readouterr()
     assert captured.err.strip() == "info: this OpenCV has no GUI support; running headless"

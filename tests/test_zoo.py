@@ -10,7 +10,7 @@ import pytest
 from torch import nn
 
 from cnnedge import cli
-from cnnedge.zoo import ARCHS, Layer, build_edgenet, check_layers, get_arch
+from cnnedge.train.zoo import ARCHS, Layer, build_edgenet, check_layers, get_arch
 from conftest import run_cli
 
 

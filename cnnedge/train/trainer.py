@@ -26,12 +26,13 @@ from torch import nn
 
 from cnnedge import __version__
 from cnnedge.atomic import write_text
-from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from cnnedge.data import Data, augment_batch, load_data, normalization, split_validation
+from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cnnedge.train.data import Data, augment_batch, load_data, normalization, split_validation
+from cnnedge.choices import DEVICES, LOSSES, OPTIMIZERS, SCHEDULES
 from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.metrics import classification_report, confusion_matrix
 from cnnedge.report import confusion_table, console, per_class_table
-from cnnedge.zoo import DEFAULT_ARCH, get_arch
+from cnnedge.train.zoo import DEFAULT_ARCH, get_arch
 
 # Used where neither the command line nor the architecture's recipe says otherwise.
 DEFAULT_HPARAMS = dict(
@@ -46,10 +47,6 @@ FINETUNE_HPARAMS = dict(
     optimizer="adamw", lr=3e-3, weight_decay=1e-4, schedule="cosine", batch_size=16, epochs=60,
     loss="cross-entropy", label_smoothing=0.0, augment=True, backbone_lr_scale=0.3,
 )
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULES = ("onecycle", "cosine", "constant")
-LOSSES = ("cross-entropy", "mse")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass
@@ -463,7 +460,7 @@ def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out:
     write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     written = [out, metrics_path]
     if plots:
-        from cnnedge.plots import plot_confusion, plot_curves
+        from cnnedge.train.plots import plot_confusion, plot_curves
 
         written += [plot_curves(history, out.with_name(out.stem + ".curves.png")),
                     plot_confusion(cm, data.class_names, out.with_name(out.stem + ".confusion.png"))]

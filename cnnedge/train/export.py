@@ -37,16 +37,16 @@ from torch import nn
 
 from cnnedge import __version__
 from cnnedge.atomic import write_bytes, write_text
-from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint
+from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
+from cnnedge.choices import QUANTIZATIONS
 from cnnedge.errors import CnnedgeError, ExitCode
-from cnnedge.modelinfo import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
+from cnnedge.infer.modelinfo import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
 from cnnedge.report import console, fmt_bytes, layer_table, warn
-from cnnedge.runtime import DISABLED_OPTIMIZERS
-from cnnedge.zoo import LayerCheck, check_layers, get_arch
+from cnnedge.infer.runtime import DISABLED_OPTIMIZERS
+from cnnedge.train.zoo import LayerCheck, check_layers, get_arch
 
 MIN_OPSET = 17
 NATIVE_OPSET = 18  # the lowest opset torch's dynamo exporter emits itself; 17 is converted from it
-QUANTIZATIONS = ("none", "fp16", "int8")
 TOLERANCE = 1e-4  # max |onnxruntime - torch| for logits and embedding (fp32)
 MIN_REAL_IMAGES = 1_000  # fewer real test images than this: parity runs on generated inputs
 GENERATED_IMAGES = 1_000
@@ -108,7 +108,7 @@ def output_paths(config: ExportConfig, quantize: list[str]) -> dict[str, Path]:
 
 def load_images(checkpoint: dict, config: ExportConfig, need_train: bool) -> tuple[Images | None, Images | None, str]:
     """(test set, calibration images from the training set, why no test set) from the checkpoint's dataset."""
-    from cnnedge.data import load_data
+    from cnnedge.train.data import load_data
 
     try:
         data = load_data(checkpoint["dataset"], config.data_dir)

@@ -1,6 +1,6 @@
 """What a deployed model needs to know about itself, stored as ONNX `metadata_props` (string -> string).
 
-Export writes it; predict, webcam, enroll and bench read it, so the .onnx file is all a device needs.
+Export writes it; predict, webcam, enroll, serve, info and bench read it, so the .onnx file is all a device needs.
 Torch-free and onnx-free: readers get the props from `onnxruntime`'s `get_modelmeta().custom_metadata_map`.
 Parsing is strict: a model with missing or malformed metadata is refused with one clear reason.
 """
@@ -12,15 +12,26 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from cnnedge.choices import PRECISIONS, PREPROCESS_MODES
 from cnnedge.errors import CnnedgeError
 
 METADATA_VERSION = "1"
-PREPROCESS_MODES = ("digit", "fit")
-PRECISIONS = ("fp32", "fp16", "int8")
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
 EMBEDDING_NAME = "embedding"
+
+
+# The shipped default model: package data in a wheel (pyproject maps export/cnn.onnx there), the repository's
+# export/cnn.onnx in an editable install or a source checkout. One copy in git, found from any folder.
+PACKAGED_MODEL = Path(__file__).resolve().parent / "model" / "cnn.onnx"
+REPO_MODEL = Path(__file__).resolve().parents[2] / "export" / "cnn.onnx"
+
+
+def default_model() -> Path:
+    """Where the shipped default model is (used when no --model is given)."""
+    return PACKAGED_MODEL if PACKAGED_MODEL.is_file() else REPO_MODEL
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -1,6 +1,7 @@
 """OpenCV preprocessing: turn what users photograph or draw into what the network was trained on.
 
-Torch-free: predict, webcam and enroll run on onnxruntime, OpenCV and numpy alone.
+Torch-free: predict, webcam, enroll and serve run on onnxruntime, OpenCV and numpy alone; decoding files is
+cnnedge.infer.files' job.
 
 Modes (stored in the ONNX metadata as `preprocess`):
 
@@ -33,32 +34,22 @@ The digit pipeline (`prepare`, or `analyse` for the box and the details), on uin
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import re
-import stat
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # GIF: the first frame
-MODES = ("digit", "fit")
+from cnnedge.choices import PREPROCESS_MODES
+from cnnedge.errors import ImageError
+from cnnedge.infer.files import MAX_PIXELS
+
 INK = ("auto", "dark", "light")
 
 WORK_MAX = 512  # long side of the working resolution
 SUPERSAMPLE = 4  # the shape is rebuilt at this multiple of the output scale before the final INTER_AREA
 STROKE_RATIO = 0.115  # MNIST's median stroke width / box side (2.25 px of 20, measured on the test set)
-MAX_PIXELS = 80_000_000  # larger images are refused from their header, before decoding (see cnnedge/__init__.py)
-MAX_FILE_BYTES = 1 << 30  # larger files are refused before reading them
 MIN_SIDE = 8  # smaller images hold no recognisable symbol (8x8: the smallest digit datasets, e.g. sklearn's)
-
-
-class ImageError(Exception):
-    """An input that cannot be turned into a network input; the message names the reason."""
 
 
 @dataclass
@@ -73,102 +64,6 @@ class Prepared:
 
 
 # ----------------------------------------------------------------------------------------- decode
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode a file as is (8/16-bit, grey, BGR or BGRA). Any file name works (no cv2.imread)."""
-    try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise ImageError("is a directory")
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device: reading it could block or never end
-            raise ImageError("not a regular file")
-        if st.st_size > MAX_FILE_BYTES:
-            raise ImageError(f"{st.st_size:,} bytes is over the {MAX_FILE_BYTES:,}-byte file limit")
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        if isinstance(e, FileNotFoundError) and os.path.islink(path):
-            raise ImageError("broken symbolic link (its target does not exist)") from None
-        raise ImageError(e.strerror or str(e)) from None
-    return decode_image(data)
-
-
-def decode_image(data: bytes | np.ndarray) -> np.ndarray:
-    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    if buf.size == 0:
-        raise ImageError("empty file")
-    try:
-        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    except cv2.error as e:
-        if "validateInputImageSize" in str(e):  # OpenCV's limit (cnnedge/__init__.py): nothing was decoded
-            raise ImageError(f"over the size limit of {MAX_PIXELS:,} pixels and {1 << 20:,} on a side "
-                             "(refused from its header, without decoding it)") from None
-        raise ImageError(f"not a decodable image ({str(e).strip().splitlines()[-1][:80]})") from None
-    if image is None:
-        raise ImageError("not a decodable image")
-    if image.size == 0:
-        raise ImageError("empty image")
-    if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
-        raise ImageError(f"unsupported channel count {image.shape[2]}")
-    return image
-
-
-def printable(path: str) -> str:
-    """A file name that any output accepts: the bytes of a non-UTF-8 name (which Python keeps as lone
-    surrogates, unprintable on a UTF-8 stream) are shown as \\xNN."""
-    try:
-        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a broken name on Windows)
-        return path.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def natural_key(path: Path) -> list:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
-
-
-def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def scan_folder(folder: Path, recursive: bool = False) -> list[Path]:
-    """The images in a folder and in its immediate subfolders (the ImageFolder layout: one folder per
-    class), or at any depth with `recursive`. Hidden files and folders are skipped."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        depth = len(Path(root).relative_to(folder).parts)
-        if not recursive and depth >= 1:
-            dirs[:] = []
-        found += [Path(root) / f for f in files if is_image_name(Path(f))]
-    return sorted(found, key=natural_key)
-
-
-@contextlib.contextmanager
-def quiet_native_stderr():
-    """For a batch of files: discard what native decoders print on the process's stderr (libpng, libjpeg,
-    libtiff and FFmpeg write their own complaints there, several lines per bad file, none naming it).
-    Python's sys.stderr keeps the real stream, so the one-line reports of bad files still get out."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (AttributeError, OSError, ValueError):  # no file descriptor 2 (embedded interpreters)
-        yield
-        return
-    previous = sys.stderr
-    if previous is sys.__stderr__:  # a replacement (pytest's capture) does not write to fd 2 anyway
-        sys.stderr = open(saved, "w", buffering=1, encoding=previous.encoding, errors=previous.errors, closefd=False)
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    os.close(null)
-    try:
-        yield
-    finally:
-        if sys.stderr is not previous:
-            sys.stderr.close()
-            sys.stderr = previous
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _checked(image: np.ndarray) -> np.ndarray:
@@ -271,6 +166,24 @@ def as_network_input(batch: np.ndarray) -> np.ndarray:
     peak = batch.reshape(batch.shape[0], -1).max(axis=1)
     scale = np.where(peak < 0.98, 1.0 / np.maximum(peak, 1e-6), 1.0).astype(np.float32)
     return batch * scale[:, None, None]
+
+
+def _passthrough(batch: np.ndarray) -> list[Prepared | None]:
+    """For a stack (N, size, size) of grey images in [0, 1]: the network input of each one that already is an
+    MNIST-style input, in either polarity (see `mnist_like`), else None. One rule for single images and
+    batches of files alike."""
+    n, size = batch.shape[0], batch.shape[1]
+    out: list[Prepared | None] = [None] * n
+    light = mnist_like(batch)
+    dark = np.zeros(n, bool)
+    if not light.all():
+        dark[~light] = mnist_like(1.0 - batch[~light])
+    for light_ink, mask in ((True, light), (False, dark)):
+        if mask.any():
+            ready = as_network_input(batch[mask] if light_ink else 1.0 - batch[mask])
+            for j, i in enumerate(np.flatnonzero(mask)):
+                out[i] = Prepared(ready[j], (0, 0, size, size), light_ink, True)
+    return out
 
 
 def _ink_extent(img: np.ndarray, thr: float) -> tuple[int, int, int, int] | None:
@@ -663,10 +576,9 @@ def _gray_u8(image: np.ndarray) -> np.ndarray:
 def _digit(image: np.ndarray, size: int, ink: str = "auto") -> Prepared:
     H, W = image.shape[:2]
     if (H, W) == (size, size):
-        gray = to_gray(image)
-        for light_ink, candidate in ((True, gray), (False, 1.0 - gray)):
-            if mnist_like(candidate[None])[0]:
-                return Prepared(as_network_input(candidate[None])[0], (0, 0, W, H), light_ink, True)
+        ready = _passthrough(to_gray(image)[None])[0]
+        if ready is not None:
+            return ready
     gray = _gray_u8(image)
     scale = min(1.0, WORK_MAX / max(H, W))
     if scale < 1.0:
@@ -720,8 +632,8 @@ def analyse(image: np.ndarray, mode: str = "digit", size: int = 28,
     `ink` is "auto" (detect the polarity), "dark" (ink darker than the paper) or "light".
 
     Raises ImageError when there is nothing to classify (blank image, empty ROI)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {', '.join(PREPROCESS_MODES)}")
     if ink not in INK:
         raise ValueError(f"unknown ink {ink!r}; choose one of {', '.join(INK)}")
     img = _checked(image)
@@ -751,6 +663,24 @@ def prepare(image: np.ndarray, mode: str = "digit", size: int = 28,
     return analyse(image, mode, size, roi, ink).input
 
 
-def to_network_input(image: np.ndarray, mode: str = "digit", size: int = 28) -> np.ndarray:
-    """Decoded image -> float32 (size, size) in [0, 1], white symbol on black (same as `prepare`)."""
-    return analyse(image, mode, size).input
+def analyse_batch(images: list[np.ndarray | None], mode: str = "digit", size: int = 28) -> list[Prepared | ImageError | None]:
+    """`analyse` for many decoded images at once (predict's chunks, the imagefolder loader): 8-bit grey
+    files of the network's own size are checked for the MNIST-like shortcut as one stack. Each entry is
+    the `Prepared` input, or the ImageError saying why there is none; None entries (unreadable files) stay None."""
+    out: list = [None] * len(images)
+    if mode == "digit":
+        fast = [i for i, im in enumerate(images) if im is not None and im.dtype == np.uint8 and im.shape == (size, size)]
+        if fast:
+            stack = np.stack([images[i] for i in fast]).astype(np.float32) * np.float32(1 / 255)
+            for i, ready in zip(fast, _passthrough(stack)):
+                out[i] = ready
+    for i, image in enumerate(images):
+        if out[i] is not None or image is None:
+            continue
+        try:
+            out[i] = analyse(image, mode, size)
+        except ImageError as e:
+            out[i] = e
+        except (cv2.error, ValueError, MemoryError) as e:  # pathological inputs OpenCV or numpy reject
+            out[i] = ImageError(f"cannot be processed ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+    return out

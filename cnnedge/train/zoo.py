@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cnnedge.errors import CnnedgeError
+from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.report import fmt_shape
 
 
@@ -397,3 +397,43 @@ def check_layers(model: nn.Sequential, arch: Arch, num_classes: int) -> list[Lay
     documented = {row.name: row for row in table}
     rows = [LayerCheck(row.name, row, measured.get(row.name)) for row in table]
     return rows + [LayerCheck(name, None, m) for name, m in measured.items() if name not in documented]
+
+
+def print_summary(arch: str | None, num_classes: int = 10) -> None:
+    """`cnnedge summary`: the zoo with parameters, MACs and table checks, or one architecture's table."""
+    from rich.table import Table
+
+    from cnnedge.report import console, layer_table
+
+    if arch is None:
+        table = Table(title="cnnedge model zoo", title_justify="left")
+        for col, justify in (("arch", "left"), ("source", "left"), ("parameters", "right"), ("MACs", "right"), ("table", "left")):
+            table.add_column(col, justify=justify)
+        failed = False
+        for a in ARCHS.values():
+            rows = check_layers(a.build(num_classes), a, num_classes)
+            ok = all(r.ok for r in rows)
+            failed |= not ok
+            params = sum(r.measured.params for r in rows if r.measured)
+            macs = sum(r.measured.macs for r in rows if r.measured)
+            table.add_row(a.name, a.source, f"{params:,}", f"{macs:,}", "[green]ok[/]" if ok else "[red]MISMATCH[/]")
+        console.print(table)
+        if failed:
+            raise CnnedgeError("some networks disagree with their documented tables", ExitCode.CHECK_FAILED)
+        return
+
+    a = get_arch(arch)
+    rows = check_layers(a.build(num_classes), a, num_classes)
+    console.print(layer_table(rows, f"{a.name}: {a.description} [{a.source}]"))
+    params = sum(r.measured.params for r in rows if r.measured)
+    macs = sum(r.measured.macs for r in rows if r.measured)
+    activations = math.prod(a.input_shape) + sum(math.prod(r.measured.shape) for r in rows if r.measured)
+    line = f"total: {params:,} parameters, {macs:,} MACs per image, {activations:,} activations ({4 * activations / 2**20:.2f} MiB fp32) per image incl. input"
+    if a.input_memory is not None:
+        documented = a.input_memory + sum(r.documented.memory or 0 for r in rows if r.documented)
+        line += f"; documented activation total {documented:,}"
+    console.print(line)
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise CnnedgeError(f"{a.name}: {len(bad)} layer(s) disagree with the documented table: "
+                           + "; ".join(f"{r.name}: {', '.join(r.problems())}" for r in bad), ExitCode.CHECK_FAILED)

@@ -14,17 +14,17 @@ import contextlib
 import ctypes
 import os
 import re
-import sys
-import tempfile
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from cnnedge.choices import PROVIDERS
 from cnnedge.errors import CnnedgeError
-from cnnedge.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo
+from cnnedge.infer.files import captured_output
+from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
 
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 ORT_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -52,37 +52,6 @@ def topk(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     part = np.take_along_axis(probs, idx, axis=1)
     order = np.argsort(-part, axis=1, kind="stable")
     return np.take_along_axis(idx, order, axis=1), np.take_along_axis(part, order, axis=1)
-
-
-@contextlib.contextmanager
-def captured_output():
-    """Capture what native code prints on stdout/stderr (onnxruntime logs provider failures there, in colour
-    and over several lines): the user gets one line from us instead. Yields a function returning the text."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    saved, captured = {}, ""
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        try:
-            for fd in (1, 2):
-                saved[fd] = os.dup(fd)
-                os.dup2(sink.fileno(), fd)
-        except OSError:  # no real file descriptors (embedded interpreters): capture nothing
-            for fd, old in saved.items():
-                os.dup2(old, fd)
-                os.close(old)
-            saved = {}
-        try:
-            yield lambda: captured
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            for fd, old in saved.items():
-                os.dup2(old, fd)
-                os.close(old)
-            sink.seek(0)
-            captured = sink.read().decode("utf-8", "replace")
 
 
 def _load_failure_reason(log: str, provider: str) -> str:
@@ -212,6 +181,16 @@ class Runtime:
     @property
     def class_names(self) -> list[str]:
         return self.info.class_names
+
+    @cached_property
+    def output_shapes(self) -> dict[str, list]:
+        """Each graph output's shape (symbolic axes as names): `logits`, and `embedding` where exported."""
+        return {o.name: list(o.shape) for o in self.session.get_outputs()}
+
+    @cached_property
+    def sha256(self) -> str:
+        """The model file's identity (what a gallery is bound to)."""
+        return file_sha256(self.path)
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
         """[0, 1] images (N, H, W) or (N, C, H, W) -> the network's normalised input tensor."""

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from cnnedge.atomic import write_bytes
-from cnnedge.checkpoint import load_checkpoint, model_from_checkpoint
-from cnnedge.errors import CnnedgeError
-from cnnedge.preprocess import ImageError, read_image, to_network_input
+from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
+from cnnedge.errors import CnnedgeError, ImageError
+from cnnedge.infer.files import read_image
+from cnnedge.infer.preprocess import prepare
 
 TILE = 48  # pixels per map in a grid
 GAP = 4
@@ -124,7 +125,7 @@ def inspect(checkpoint_path: str | Path, image_path: str | Path | None = None, l
     if image_path is None:
         return written, None
     try:
-        image = to_network_input(read_image(image_path), checkpoint["preprocess"], checkpoint["input_shape"][-1])
+        image = prepare(read_image(image_path), checkpoint["preprocess"], checkpoint["input_shape"][-1])
     except ImageError as e:
         raise CnnedgeError(f"{image_path}: {e}") from None
     mean, std = checkpoint["mean"][0], checkpoint["std"][0]

@@ -30,12 +30,12 @@ import cv2
 import numpy as np
 
 from cnnedge.atomic import commit, temp_beside
-from cnnedge.errors import CnnedgeError, ExitCode
-from cnnedge.preprocess import ImageError, analyse, quiet_native_stderr
-from cnnedge.runtime import Runtime, captured_output, topk as top_k
+from cnnedge.errors import CnnedgeError, ExitCode, ImageError
+from cnnedge.infer.files import captured_output, quiet_native_stderr
+from cnnedge.infer.modelinfo import default_model
+from cnnedge.infer.preprocess import analyse
+from cnnedge.infer.runtime import Runtime, topk as top_k
 
-DEFAULT_MODEL = "export/cnn.onnx"
-FORMATS = ("live", "json")
 ROI_FRACTION = 0.6  # the default ROI: a centred square, this fraction of the frame's short side
 WORK_SIZE = 128  # the ROI is analysed at most this many pixels on its long side (see bench_webcam.py)
 MIN_DIGIT_PIXELS = 20  # a digit spans at least this many analysed pixels (MNIST draws its digits in 20x20)
@@ -244,7 +244,7 @@ class FrameResult:
 class FrameClassifier:
     """ROI -> preprocessing (the model's mode, as in predict) -> onnxruntime at batch 1 -> smoothing."""
 
-    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, provider: str = "cpu", smooth: int = 5,
+    def __init__(self, model: str | os.PathLike | None = None, provider: str = "cpu", smooth: int = 5,
                  work_size: int = WORK_SIZE, min_confidence: float = 0.5, threads: int = 1):
         if smooth < 1:
             raise CnnedgeError(f"--smooth must be at least 1, not {smooth}")
@@ -254,6 +254,7 @@ class FrameClassifier:
             raise CnnedgeError(f"--min-confidence must be between 0 and 1, not {min_confidence}")
         # One intra-op thread: at batch 1 a second thread costs more in hand-offs than it saves, and the
         # capture thread needs the other core (benchmarks/bench_webcam.py measures both).
+        model = default_model() if model is None else model
         self.runtime = Runtime(model, provider, threads=threads)
         self.info = self.runtime.info
         self.class_names = self.info.class_names
@@ -576,14 +577,12 @@ class _StopOnSignal:
             signal.signal(s, h)
 
 
-def run(source: str = "0", model: str = DEFAULT_MODEL, provider: str = "cpu", roi: str | None = None,
+def run(source: str = "0", model: str | None = None, provider: str = "cpu", roi: str | None = None,
         smooth: int = 5, min_confidence: float = 0.5, window: bool | None = None, fmt: str = "live",
         max_frames: int | None = None, save: str | None = None, work_size: int = WORK_SIZE) -> int:
     """The `cnnedge webcam` command; returns the exit code (0, or 130/143 after Ctrl-C/SIGTERM)."""
     from cnnedge.report import console, err_console
 
-    if fmt not in FORMATS:
-        raise CnnedgeError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if max_frames is not None and max_frames < 1:
         raise CnnedgeError(f"--max-frames must be at least 1, not {max_frames}")
     if save is not None and Path(save).suffix.lower() not in VIDEO_CODECS:
@@ -613,7 +612,7 @@ def run(source: str = "0", model: str = DEFAULT_MODEL, provider: str = "cpu", ro
             if save is not None:
                 saver = VideoSaver(save, src.fps, src.size)
             if view is None and json_out is None:
-                title = f"cnnedge webcam · {src.name} · {Path(model).name} on {classifier.runtime.provider}"
+                title = f"cnnedge webcam · {src.name} · {classifier.runtime.path.name} on {classifier.runtime.provider}"
                 panel = Panel(console, title)
             stats, end = _loop(src, classifier, roi_spec, stop, view, panel, json_out, saver, max_frames)
         except BaseException:
@@ -629,7 +628,7 @@ def run(source: str = "0", model: str = DEFAULT_MODEL, provider: str = "cpu", ro
             saver.commit()  # a run cut short by Ctrl-C still leaves a complete, shorter video
     if src.error or end.startswith(("end of stream", "no frame")):  # a camera unplugged, a stream gone
         err_console.print(f"warning: {src.name}: {src.error or end}", markup=False, soft_wrap=True)
-    summary = stats.summary(source=src.name, model=str(model), provider=classifier.runtime.provider, end=end,
+    summary = stats.summary(source=src.name, model=str(classifier.runtime.path), provider=classifier.runtime.provider, end=end,
                             read=src.frames_read)
     summary["saved"] = None if saver is None else {"path": str(saver.path), "frames": saver.frames,
                                                    "size": list(saver.size), "fps": round(saver.fps, 3)}

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnedge.errors import CnnedgeError, ExitCode
-from cnnedge.modelinfo import EMBEDDING_NAME, PREPROCESS_MODES, file_sha256
-from cnnedge.runtime import softmax
+from cnnedge.errors import CnnedgeError
+from cnnedge.choices import METRICS, PREPROCESS_MODES
+from cnnedge.infer.modelinfo import EMBEDDING_NAME
+from cnnedge.infer.runtime import softmax
 
-METRICS = ("ssd", "cosine")
 # Cosine: chosen on the enrolled Greek images alone (leave-one-out 51/54 against SSD's 48-49/54 with two
 # trainings of the digits model), then confirmed on the test set (README, `cnnedge enroll`).
 DEFAULT_METRIC = "cosine"
@@ -109,7 +109,7 @@ def fit_temperature(loo: np.ndarray, labels: np.ndarray) -> float | None:
 
 def model_identity(runtime) -> dict:
     """What a gallery records about the model it was enrolled with, to refuse it with any other weights."""
-    outputs = {o.name: o.shape for o in runtime.session.get_outputs()}
+    outputs = runtime.output_shapes
     if EMBEDDING_NAME not in outputs:
         raise CnnedgeError(f"{runtime.path}: the model has no {EMBEDDING_NAME!r} output; export it again with "
                            f"`cnnedge export` to enroll classes")
@@ -117,7 +117,7 @@ def model_identity(runtime) -> dict:
     info = runtime.info
     return {
         "name": runtime.path.name,
-        "sha256": file_sha256(runtime.path),
+        "sha256": runtime.sha256,
         "checkpoint_sha256": info.checkpoint_sha256,
         "precision": info.precision,
         "arch": info.arch,
@@ -307,94 +307,3 @@ def build(class_names: list[str], embeddings: np.ndarray, labels: np.ndarray, fi
             "model": model_identity(runtime), "preprocess": runtime.info.preprocess, "source": source,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "cnnedge_version": __version__}
     return Gallery(class_names, embeddings.astype(np.float32), labels.astype(np.int64), files, meta), loo
-
-
-# ----------------------------------------------------------------------------------------- CLI
-
-
-def _class_folders(folder: Path) -> list[Path]:
-    from cnnedge.preprocess import natural_key
-
-    if not folder.is_dir():
-        raise CnnedgeError(f"{folder}: {'no such folder' if not folder.exists() else 'not a folder'} "
-                           f"(give a folder with one subfolder of images per class)")
-    classes = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=natural_key)
-    if (folder / "train").is_dir() and any(d.is_dir() for d in (folder / "train").iterdir()):
-        raise CnnedgeError(f"{folder}: holds a train/ split with class folders; enroll {folder / 'train'} "
-                           f"(and predict on the other split)")
-    if len(classes) < 2:
-        raise CnnedgeError(f"{folder}: {len(classes)} class folder(s); enrolling needs at least 2 "
-                           f"(one subfolder of images per class)")
-    return classes
-
-
-def enroll(folder: str | os.PathLike, out: str | os.PathLike, model: str, provider: str = "auto",
-           batch_size: int = 256, workers: int | None = None) -> int:
-    """The `cnnedge enroll` command; returns the exit code (0 all enrolled, 1 some images skipped)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from cnnedge.predict import Predictor
-    from cnnedge.preprocess import printable, quiet_native_stderr, scan_folder
-    from cnnedge.report import console, warn
-
-    folder = Path(folder)
-    if Path(out).is_dir():
-        raise CnnedgeError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'classes.gallery.npz'}")
-    classes = _class_folders(folder)
-    paths, truth = [], []
-    for c, d in enumerate(classes):
-        found = scan_folder(d, recursive=True)
-        if not found:
-            raise CnnedgeError(f"{d}: no images in class folder {d.name!r}")
-        paths += found
-        truth += [c] * len(found)
-    loose = [p for p in scan_folder(folder) if p.parent == folder]
-    if loose:
-        warn(f"{folder}: {len(loose)} image(s) outside the class folders ignored")
-
-    names = [d.name for d in classes]
-    embeddings, labels, files = [], [], []
-    skipped = np.zeros(len(names), int)
-    with Predictor(model, provider, batch_size=batch_size, workers=workers, embeddings=True) as predictor:
-        with quiet_native_stderr():  # decoders' own multi-line complaints: we report each bad file in one line
-            predictions = list(predictor.predict_iter([str(p) for p in paths]))
-        for path, c, p in zip(paths, truth, predictions):
-            if p.error is not None:
-                warn(f"{printable(str(path))}: {p.error}; skipped")
-                skipped[c] += 1
-                continue
-            embeddings.append(p.embedding)
-            labels.append(c)
-            files.append(path.relative_to(folder).as_posix())
-        labels = np.asarray(labels, np.int64)
-        counts = np.bincount(labels, minlength=len(names))
-        empty = [n for n, count in zip(names, counts) if count == 0]
-        if empty:
-            raise CnnedgeError(f"{folder}: no usable image in class folder(s) {', '.join(empty)} (see the warnings)")
-        gallery, loo = build(names, np.stack(embeddings), labels, files, predictor.runtime, str(folder))
-    gallery.save(out)
-
-    metric = gallery.meta["metric"]
-    held_out = ~np.isnan(loo[metric]).any(1)
-    right = (loo[metric].argmin(1) == labels) & held_out
-    table = Table(title="enrolled classes", title_justify="left")
-    for col in ("class", "images", "skipped", f"leave-one-out ({metric})"):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    for c, name in enumerate(names):
-        n = int(held_out[labels == c].sum())
-        loo_text = f"{100 * right[labels == c].sum() / n:.1f}%" if n else "- (1 image)"
-        table.add_row(escape(name), str(counts[c]), str(skipped[c]) if skipped[c] else "", loo_text)
-    console.print(table)
-    scores = []
-    for m in METRICS:
-        ok = int(((loo[m].argmin(1) == labels) & held_out).sum())
-        scores.append(f"{m} {100 * ok / max(1, held_out.sum()):.1f}% ({ok}/{int(held_out.sum())})")
-    if held_out.any():
-        console.print(f"leave-one-out accuracy (each image against prototypes built without it): {', '.join(scores)}; "
-                      f"predict uses {metric} unless given --metric", markup=False)
-    else:
-        console.print("leave-one-out accuracy: not measurable with one image per class", markup=False)
-    console.print(f"wrote {out}: {len(labels)} embeddings ({gallery.dim}-d) of {len(names)} classes from {folder}, "
-                  f"model {model}", markup=False)
-    return int(ExitCode.PARTIAL) if skipped.any() else int(ExitCode.OK)

@@ -17,7 +17,7 @@ from torch import nn
 
 from cnnedge.atomic import atomic_write
 from cnnedge.errors import CnnedgeError
-from cnnedge.zoo import build_model
+from cnnedge.train.zoo import build_model
 
 FORMAT = "cnnedge.checkpoint"
 FORMAT_VERSION = 1

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from cnnedge.errors import CnnedgeError
+from cnnedge.infer.files import resolve_data_dir
 
 # name -> (torchvision class, preprocessing mode that maps user images into its domain)
 DATASETS = {
@@ -36,20 +37,6 @@ class Data:
     class_names: list[str]
     preprocess: str
     source: str
-
-
-def default_data_dir() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "cnnedge"
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """--data-dir, else $CNNEDGE_DATA, else the user cache folder."""
-    if data_dir:
-        return Path(data_dir)
-    if os.environ.get("CNNEDGE_DATA"):
-        return Path(os.environ["CNNEDGE_DATA"])
-    return default_data_dir()
 
 
 def _expected_files(cls, split_train: bool) -> list[str]:
@@ -91,7 +78,9 @@ def load_torchvision(name: str, root: Path, download: bool) -> Data:
 
 def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
     """ImageFolder tree (one folder per class). With train/ and test/ subfolders, both are used."""
-    from cnnedge.preprocess import ImageError, printable, quiet_native_stderr, read_image, scan_folder, to_network_input
+    from cnnedge.errors import ImageError
+    from cnnedge.infer.files import printable, quiet_native_stderr, read_image, scan_folder
+    from cnnedge.infer.preprocess import analyse_batch
     from cnnedge.report import warn
 
     try:
@@ -121,7 +110,10 @@ def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
         with quiet_native_stderr():  # bad files get our one line each, not the decoders' own complaints
             for file, label in samples:
                 try:
-                    images.append(torch.from_numpy(to_network_input(read_image(file), mode, size)))
+                    prepared = analyse_batch([read_image(file)], mode, size)[0]  # exactly what predict feeds
+                    if isinstance(prepared, ImageError):
+                        raise prepared
+                    images.append(torch.from_numpy(prepared.input))
                     labels.append(label)
                 except ImageError as e:
                     warn(f"{printable(str(file))}: {e}; skipped")

@@ -1,0 +1,257 @@
+"""Files in, text out: reading and decoding image files, walking folders and globs, and keeping what
+native libraries print off the user's terminal. Torch-free."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import math
+import os
+import re
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+from cnnedge.errors import CnnedgeError, ImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # GIF: the first frame
+MAX_FILE_BYTES = 1 << 30  # larger files are refused before reading them
+MAX_PIXELS = 80_000_000  # larger images are refused from their header, before decoding (see cnnedge/__init__.py)
+
+
+# ----------------------------------------------------------------------------------------- decode
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode a file as is (8/16-bit, grey, BGR or BGRA). Any file name works (no cv2.imread)."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError("is a directory")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device: reading it could block or never end
+            raise ImageError("not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"{st.st_size:,} bytes is over the {MAX_FILE_BYTES:,}-byte file limit")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and os.path.islink(path):
+            raise ImageError("broken symbolic link (its target does not exist)") from None
+        raise ImageError(e.strerror or str(e)) from None
+    return decode_image(data)
+
+
+def decode_image(data: bytes | np.ndarray) -> np.ndarray:
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if buf.size == 0:
+        raise ImageError("empty file")
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        if "validateInputImageSize" in str(e):  # OpenCV's limit (cnnedge/__init__.py): nothing was decoded
+            raise ImageError(f"over the size limit of {MAX_PIXELS:,} pixels and {1 << 20:,} on a side "
+                             "(refused from its header, without decoding it)") from None
+        raise ImageError(f"not a decodable image ({str(e).strip().splitlines()[-1][:80]})") from None
+    if image is None:
+        raise ImageError("not a decodable image")
+    if image.size == 0:
+        raise ImageError("empty image")
+    if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
+        raise ImageError(f"unsupported channel count {image.shape[2]}")
+    return image
+
+
+def printable(path: str) -> str:
+    """A file name that any output accepts: the bytes of a non-UTF-8 name (which Python keeps as lone
+    surrogates, unprintable on a UTF-8 stream) are shown as \\xNN."""
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a broken name on Windows)
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as the user should read it: relative to the working folder when it lies inside it."""
+    name = printable(str(path))
+    if os.path.isabs(name):
+        with contextlib.suppress(ValueError):  # another drive on Windows
+            relative = os.path.relpath(name)
+            if not relative.startswith(".."):
+                return relative
+    return name
+
+
+def natural_key(path: Path) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def scan_folder(folder: Path, recursive: bool = False) -> list[Path]:
+    """The images in a folder and in its immediate subfolders (the ImageFolder layout: one folder per
+    class), or at any depth with `recursive`. Hidden files and folders are skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        depth = len(Path(root).relative_to(folder).parts)
+        if not recursive and depth >= 1:
+            dirs[:] = []
+        found += [Path(root) / f for f in files if is_image_name(Path(f))]
+    return sorted(found, key=natural_key)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """For a batch of files: discard what native decoders print on the process's stderr (libpng, libjpeg,
+    libtiff and FFmpeg write their own complaints there, several lines per bad file, none naming it).
+    Python's sys.stderr keeps the real stream, so the one-line reports of bad files still get out."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):  # no file descriptor 2 (embedded interpreters)
+        yield
+        return
+    previous = sys.stderr
+    if previous is sys.__stderr__:  # a replacement (pytest's capture) does not write to fd 2 anyway
+        sys.stderr = open(saved, "w", buffering=1, encoding=previous.encoding, errors=previous.errors, closefd=False)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        if sys.stderr is not previous:
+            sys.stderr.close()
+            sys.stderr = previous
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def collect_inputs(args: Iterable[str | os.PathLike], recursive: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files, folders and glob patterns -> (image paths in order without duplicates, [(arg, problem)]).
+    Files named explicitly are kept whatever their extension: if they are not images, decoding says so."""
+    paths: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for arg in args:
+        arg = str(arg)
+        p = Path(arg)
+        if p.is_dir():
+            found = scan_folder(p, recursive)
+            if not found:
+                problems.append((arg, f"no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images in this folder"
+                                      + ("" if recursive else " or its subfolders (try --recursive)")))
+            paths += [str(f) for f in found]
+        elif p.exists() or p.is_symlink():
+            paths.append(arg)
+        elif glob.has_magic(arg):
+            matches = sorted(glob.glob(arg, recursive=recursive), key=lambda m: natural_key(Path(m)))
+            if not matches:
+                problems.append((arg, "no file matches this pattern"))
+            for m in matches:
+                if Path(m).is_dir():
+                    paths += [str(f) for f in scan_folder(Path(m), recursive)]
+                elif is_image_name(Path(m)):
+                    paths.append(m)
+        else:
+            problems.append((arg, "no such file or directory"))
+    seen: set[str] = set()
+    unique = []
+    for path in paths:
+        key = os.path.normpath(os.path.abspath(path))
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique, problems
+
+
+# ---------------------------------------------------------------------------------- native output
+
+
+@contextlib.contextmanager
+def captured_output():
+    """Capture what native code prints on stdout/stderr (onnxruntime logs provider failures there, in colour
+    and over several lines): the user gets one line from us instead. Yields a function returning the text."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved, captured = {}, ""
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            for fd in (1, 2):
+                saved[fd] = os.dup(fd)
+                os.dup2(sink.fileno(), fd)
+        except OSError:  # no real file descriptors (embedded interpreters): capture nothing
+            for fd, old in saved.items():
+                os.dup2(old, fd)
+                os.close(old)
+            saved = {}
+        try:
+            yield lambda: captured
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            for fd, old in saved.items():
+                os.dup2(old, fd)
+                os.close(old)
+            sink.seek(0)
+            captured = sink.read().decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------------- datasets
+
+TEST_SETS = {"mnist": "MNIST", "qmnist": "QMNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """--data-dir, else $CNNEDGE_DATA, else the user cache folder."""
+    if data_dir:
+        return Path(data_dir)
+    if os.environ.get("CNNEDGE_DATA"):
+        return Path(os.environ["CNNEDGE_DATA"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnedge"
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An idx file (MNIST's format), plain or gzipped, as a numpy array."""
+    import gzip
+
+    path = Path(path)
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise CnnedgeError(f"{path}: not an unsigned-byte idx file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if len(data) - 4 - 4 * ndim != math.prod(dims):
+        raise CnnedgeError(f"{path}: truncated idx file ({len(data):,} bytes for shape {dims})")
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_test_set(dataset: str, data_dir: str | os.PathLike | None = None, limit: int | None = None):
+    """(uint8 images (N, H, W), int64 labels, source) of a torchvision dataset's test split, or
+    (None, None, why not). Read with numpy from torchvision's raw layout, so no torch is needed."""
+    folder = TEST_SETS.get(dataset)
+    if folder is None:
+        return None, None, f"the dataset {dataset or '(unknown)'!r} has no idx test set"
+    raw = resolve_data_dir(data_dir) / folder / "raw"
+    names = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    paths = [next((p for p in (raw / n, raw / f"{n}.gz") if p.is_file()), None) for n in names]
+    if None in paths:
+        return None, None, f"{raw / names[0]} not found (set --data-dir or CNNEDGE_DATA)"
+    x, y = read_idx(paths[0]), read_idx(paths[1])
+    if x.ndim != 3 or len(x) != len(y):
+        raise CnnedgeError(f"{raw}: {len(x)} test images of shape {x.shape[1:]} and {len(y)} labels do not match")
+    n = len(x) if limit is None else min(limit, len(x))
+    return x[:n], y[:n].astype(np.int64), f"{n:,} {folder} test images"
