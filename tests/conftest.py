@@ -3,6 +3,8 @@ skip without it, except when CNNEDGE_REQUIRE_DATA=1 (CI), where missing data is 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -54,6 +56,32 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         [sys.executable, "-m", "cnnedge", *map(str, args)],
         cwd=cwd or ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`cnnedge ARGS` in this process, through the real entry point (cnnedge.cli.main), captured as a subprocess
+    would see it (exit code, stdout, stderr) without paying an interpreter start and torch's import each time.
+    Use `run_cli` where the process itself matters (signals, what gets imported, native output)."""
+    from cnnedge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
+    sys.argv = ["cnnedge", *map(str, args)]
+    os.environ.update({k: v for k, v in (env or {}).items()})
+    os.chdir(cwd or ROOT)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["cnnedge", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def run_torch_free(*commands: list[str]) -> subprocess.CompletedProcess:
