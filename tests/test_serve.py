@@ -211,6 +211,21 @@ def test_concurrent_requests_all_get_their_own_answer(server, mnist_pngs):
     assert sum(answers[i] == labels[i] for i in range(len(images))) >= len(images) - 2
 
 
+def test_predictor_takes_encoded_files_and_keeps_the_input_and_the_kind_of_error():
+    from cnnedge.errors import ImageTooLarge
+    from cnnedge.infer.predictor import Predictor
+
+    sample = ROOT / "samples" / "2" / "03_pen_photo.jpg"
+    with Predictor(inputs=True) as predictor:
+        from_file, from_bytes, junk, bomb = predictor.predict(
+            [str(sample), sample.read_bytes(), b"junk", png_bomb(10000, 9000)])
+    assert from_bytes.path is None and from_bytes.label == from_file.label == "2"
+    assert from_bytes.confidence == from_file.confidence and from_bytes.box == from_file.box
+    assert from_bytes.input.shape == (28, 28) and np.array_equal(from_bytes.input, from_file.input)
+    assert junk.error == "not a decodable image" and type(junk.exception).__name__ == "ImageError"
+    assert isinstance(bomb.exception, ImageTooLarge) and "size limit" in bomb.error
+
+
 # ---------------------------------------------------------------------------------------- errors
 
 

@@ -139,18 +139,16 @@ class Models:
             self.warm_up()
 
     def warm_up(self) -> None:
-        """First runs allocate and tune (onnxruntime at each batch size, the decoders, the preprocessing's
-        code paths, the thread pool): a drawn digit and a photo go through every Predictor once."""
+        """The first request would pay for lazy set-ups (the thread pool, the PNG decoder, onnxruntime's
+        first run at a batch size): a drawn digit goes through every Predictor first, alone and in a full batch."""
         import cv2
         import numpy as np
 
         from cnnedge.synth import render_digit
 
-        rng = np.random.default_rng(0)
-        png = cv2.imencode(".png", render_digit(7, "mnist", rng))[1].tobytes()
-        jpeg = cv2.imencode(".jpg", render_digit(7, "paper", rng))[1].tobytes()
+        png = cv2.imencode(".png", render_digit(7, "mnist", np.random.default_rng(0)))[1].tobytes()
         for p in self.predictors.values():
-            p.predict([png, jpeg])
+            p.predict([png])
             p.predict([png] * p.batch_size)
 
     def close(self) -> None:
@@ -627,7 +625,8 @@ def run(config: ServeConfig, token: str | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="cnnedge-metrics-") as metrics_dir:
         if config.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
-        quiet_native_output()
+        if config.workers == 1:  # (worker processes do it themselves: they inherit this process's stderr)
+            quiet_native_output()
         # The model and galleries load here first: a bad file is one line and exit 2, not N failing workers.
         models = Models(config, warm_up=config.workers == 1)
         sock = listen(config.host, config.port)
