@@ -162,13 +162,13 @@ class Predictor:
                 images.append(decode_image(item) if isinstance(item, ENCODED) else read_image(item))
             except ImageError as e:
                 images.append(None)
-                errors[i] = e
+                errors[i] = _bare(e)
         out = []
         for i, prepared in enumerate(analyse_batch(images, self.info.preprocess, self.size)):
             if i in errors:
                 out.append((None, errors[i], None))
             elif isinstance(prepared, ImageError):
-                out.append((None, prepared, None))
+                out.append((None, _bare(prepared), None))
             else:
                 out.append((prepared.input, None, prepared.box))
         return out
@@ -281,6 +281,11 @@ class Predictor:
                     _save_crop(Path(save_crops), start + i, path, p.label, x)
             out.append(p)
         return out
+
+
+def _bare(e: ImageError) -> ImageError:
+    """The same error without its traceback and context, which hold the frames and their decoded images."""
+    return type(e)(str(e))
 
 
 def _save_crop(folder: Path, index: int, path: str | None, label: str, x: np.ndarray) -> None:

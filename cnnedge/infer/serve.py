@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -95,17 +96,13 @@ def parse_galleries(specs: list[str]) -> dict[str, str]:
 
 
 def parse_size(text: str, option: str) -> int:
-    """"16MB", "512KB", "1GB" (binary multiples, as 16 MB = 16 MiB here) or a number of bytes -> bytes."""
-    units = {"": 1, "B": 1, "KB": 1 << 10, "K": 1 << 10, "MB": 1 << 20, "M": 1 << 20, "GB": 1 << 30, "G": 1 << 30}
-    t = text.strip().upper().replace(" ", "").removesuffix("IB").removesuffix("I")
-    number = t.rstrip("KMGB")
-    unit = t[len(number):]
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise CnnedgeError(f"{option} {text}: give a size such as 16MB, 512KB or 1048576 (bytes)") from None
-    if not 1 <= value <= 1 << 40:
-        raise CnnedgeError(f"{option} {text}: must be between 1 byte and 1 TB")
+    """"16MB", "512KB", "1GB" (binary multiples: 16 MB = 16 MiB here) or a number of bytes -> bytes."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)(I?B)?", text.strip(), re.IGNORECASE)
+    if m is None:
+        raise CnnedgeError(f"{option} {text}: give a size such as 16MB, 512KB or 1048576 (bytes)")
+    value = float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+    if value < 1:
+        raise CnnedgeError(f"{option} {text}: must be at least 1 byte")
     return int(value)
 
 
@@ -121,7 +118,7 @@ class Models:
         from cnnedge.infer.predictor import Predictor
 
         threads = config.worker_threads
-        options = dict(batch_size=max(config.max_batch, 1), workers=threads, threads=threads, inputs=True,
+        options = dict(batch_size=config.max_batch, workers=threads, threads=threads, inputs=True,
                        **config.predictor)
         metric = options.pop("metric", None)
         self.predictors = {None: Predictor(config.model, **options)}
@@ -592,12 +589,15 @@ def _png_data_url(x) -> str:
     return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode()
 
 
+_process_lifetime = contextlib.ExitStack()  # what stays entered until the process exits
+
+
 def quiet_native_output() -> None:
     """For the process's lifetime: what native decoders print (libpng's complaint about each truncated
     upload) goes nowhere, while Python's logging keeps the real stderr (cnnedge.infer.files)."""
     from cnnedge.infer.files import quiet_native_stderr
 
-    quiet_native_stderr().__enter__()
+    _process_lifetime.enter_context(quiet_native_stderr())
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s: %(message)s", force=True)
 
 
