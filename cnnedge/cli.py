@@ -306,7 +306,7 @@ def serve(
     metric: Optional[Metric] = typer.Option(None, help="With --gallery: cosine or ssd [default: each gallery's]."),
     max_body: str = typer.Option("16MB", metavar="SIZE", help="Largest request body (bytes, or with KB, MB, GB); larger ones get 413."),
     max_batch: int = typer.Option(32, min=1, help="Dynamic batching: images per onnxruntime call at most (1: no batching)."),
-    batch_wait_ms: float = typer.Option(2.0, min=0.0, max=1000.0, help="Dynamic batching: how long a request waits for others to share its batch."),
+    batch_wait_ms: float = typer.Option(2.0, min=0.0, max=10_000.0, help="Dynamic batching: how long a request waits for others to share its batch."),
     threads: Optional[int] = typer.Option(None, min=1, help="Preprocessing and onnxruntime threads per worker [default: CPU count / workers]."),
 ) -> None:
     """HTTP inference (no PyTorch): a JSON API with dynamic batching, /metrics, and a draw-a-digit page."""

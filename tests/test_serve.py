@@ -20,6 +20,10 @@ import httpx
 import numpy as np
 import pytest
 
+from typer.testing import CliRunner
+
+from cnnedge.cli import app
+from cnnedge.errors import CnnedgeError
 from cnnedge.infer.files import load_test_set
 from cnnedge.infer.info import describe
 from cnnedge.synth import digit_strokes
@@ -199,15 +203,15 @@ def test_metrics_count_requests_by_status_latency_images_and_errors(api, mnist_p
     assert "cnnedge_batch_images_count" in after
 
 
-def test_concurrent_requests_all_get_their_own_answer(server, mnist_pngs):
+def test_concurrent_requests_all_get_their_own_answer(api, mnist_pngs):
     images, labels = mnist_pngs
 
     def one(i: int) -> tuple[int, str]:
-        r = httpx.post(server.url + "/v1/predict", content=images[i], headers=AUTH, timeout=30)
+        r = api.post("/v1/predict", content=images[i])
         assert r.status_code == 200
         return i, r.json()["label"]
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # 16 clients on their own connections
         answers = dict(pool.map(one, range(len(images))))
     assert sum(answers[i] == labels[i] for i in range(len(images))) >= len(images) - 2
 
@@ -319,13 +323,13 @@ def test_the_server_process_never_loads_torch(server):
 
 
 def test_concurrent_requests_share_one_onnxruntime_call(tmp_path):
-    """A batch waits (here: as long as it takes) until 4 images are waiting: 4 concurrent requests are then
-    answered by one call, 8 by two. Batches never wait for more than --max-batch images."""
-    s = Server("--max-batch", "4", "--batch-wait-ms", "1000", log=tmp_path / "stderr.txt")
+    """A batch waits (here: up to 10 s, longer than 8 requests take to arrive) until 4 images are waiting:
+    8 concurrent requests are answered by two calls of 4. Batches never take more than --max-batch images."""
+    s = Server("--max-batch", "4", "--batch-wait-ms", "10000", log=tmp_path / "stderr.txt")
     try:
         images = [(ROOT / "samples" / "7" / "02_mnist_like.bmp").read_bytes()] * 8
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            docs = list(pool.map(lambda data: httpx.post(s.url + "/v1/predict", content=data, timeout=30).json(), images))
+        with s.client() as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            docs = list(pool.map(lambda data: client.post("/v1/predict", content=data).json(), images))
         assert all(d["label"] == "7" for d in docs)
         assert all(d["timing"]["batch_images"] == 4 for d in docs), [d["timing"] for d in docs]
     finally:
@@ -369,8 +373,10 @@ def test_start_up_problems_are_one_line_before_listening(tmp_path, gallery_file)
     assert_one_line_error(run_cli("serve", "--model", tmp_path / "missing.onnx"), 2, "no such model file")
     (tmp_path / "bad.gallery.npz").write_bytes(b"PK not really")
     assert_one_line_error(run_cli("serve", "--gallery", tmp_path / "bad.gallery.npz"), 2, "not a gallery")
-    assert_one_line_error(run_cli("serve", "--max-body", "lots"), 2, "--max-body lots: give a size such as 16MB")
-    assert_one_line_error(run_cli("serve", "--metric", "ssd"), 2, "--metric needs --gallery")
+    for args, message in ((["--max-body", "lots"], "--max-body lots: give a size such as 16MB"),
+                          (["--metric", "ssd"], "--metric needs --gallery")):  # refused by the CLI itself
+        result = CliRunner().invoke(app, ["serve", *args])
+        assert isinstance(result.exception, CnnedgeError) and message in str(result.exception), result.output
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

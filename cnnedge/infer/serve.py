@@ -67,8 +67,8 @@ class ServeConfig:
                                    ("--max-batch", self.max_batch, 1)):
             if value < least:
                 raise CnnedgeError(f"{name} must be at least {least}, not {value}")
-        if not 0 <= self.batch_wait_ms <= 1000:
-            raise CnnedgeError(f"--batch-wait-ms must be between 0 and 1000, not {self.batch_wait_ms}")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise CnnedgeError(f"--batch-wait-ms must be between 0 and 10000, not {self.batch_wait_ms}")
         if self.threads is not None and self.threads < 1:
             raise CnnedgeError(f"--threads must be at least 1, not {self.threads}")
 
