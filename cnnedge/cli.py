@@ -291,6 +291,38 @@ def info(
     run_info(str(model) if model else None, output_format)
 
 
+# ----------------------------------------------------------------------------------------------- serve
+
+
+@command()
+def serve(
+    model: Optional[Path] = typer.Option(None, help=f"ONNX model from `cnnedge export` {SHIPPED_MODEL}."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 or :: for every network (then set --token)."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port, printed at start)."),
+    workers: int = typer.Option(1, min=1, help="Worker processes; one per core serves on all cores (a supervisor restarts any that dies)."),
+    provider: Provider = typer.Option("auto", help="onnxruntime execution provider; auto: CUDA when it really loads, else CPU."),
+    token: Optional[str] = typer.Option(None, envvar="CNNEDGE_TOKEN", show_envvar=True, help="Require `Authorization: Bearer TOKEN` on every route but /healthz (the environment variable keeps it out of `ps`)."),
+    gallery: Optional[list[str]] = typer.Option(None, metavar="[NAME=]FILE", help="[NAME=]FILE from `cnnedge enroll`, repeatable: requests with ?gallery=NAME get its classes [NAME: the file name without .gallery.npz]."),
+    metric: Optional[Metric] = typer.Option(None, help="With --gallery: cosine or ssd [default: each gallery's]."),
+    max_body: str = typer.Option("16MB", metavar="SIZE", help="Largest request body (bytes, or with KB, MB, GB); larger ones get 413."),
+    max_batch: int = typer.Option(32, min=1, help="Dynamic batching: images per onnxruntime call at most (1: no batching)."),
+    batch_wait_ms: float = typer.Option(2.0, min=0.0, max=10_000.0, help="Dynamic batching: how long a request waits for others to share its batch."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Preprocessing and onnxruntime threads per worker [default: CPU count / workers]."),
+) -> None:
+    """HTTP inference (no PyTorch): a JSON API with dynamic batching, /metrics, and a draw-a-digit page."""
+    from cnnedge.infer.serve import ServeConfig, parse_galleries, parse_size
+
+    config = ServeConfig(model=str(model) if model else None, host=host, port=port, workers=workers,
+                         max_body=parse_size(max_body, "--max-body"), max_batch=max_batch,
+                         batch_wait_ms=batch_wait_ms, galleries=parse_galleries(gallery or []), threads=threads,
+                         predictor={"provider": provider, **({"metric": metric} if metric else {})})
+    if metric and not config.galleries:
+        raise CnnedgeError("--metric needs --gallery (a file from `cnnedge enroll`)")
+    from cnnedge.infer.serve import run as run_serve
+
+    run_serve(config, token)
+
+
 # ----------------------------------------------------------------------------------------------- bench
 
 

@@ -24,3 +24,7 @@ class CnnedgeError(Exception):
 
 class ImageError(Exception):
     """An input that cannot be turned into a network input; the message names the reason."""
+
+
+class ImageTooLarge(ImageError):
+    """An input refused for its size (bytes or pixels) before any work on it: `cnnedge serve` answers 413."""

@@ -2,4 +2,4 @@
 
 files (reading images, walking folders), preprocess (photos and drawings -> the network's input), modelinfo
 (the metadata an exported model carries), runtime (onnxruntime sessions), predictor (the Python API),
-predict, enroll, info and webcam (the commands), gallery (few-shot classes)."""
+predict, enroll, info, webcam and serve (the commands; serve's page in static/), gallery (few-shot classes)."""

@@ -17,7 +17,7 @@ from typing import Iterable
 import cv2
 import numpy as np
 
-from cnnedge.errors import CnnedgeError, ImageError
+from cnnedge.errors import CnnedgeError, ImageError, ImageTooLarge
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # GIF: the first frame
 MAX_FILE_BYTES = 1 << 30  # larger files are refused before reading them
@@ -36,7 +36,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         if not stat.S_ISREG(st.st_mode):  # a FIFO or a device: reading it could block or never end
             raise ImageError("not a regular file")
         if st.st_size > MAX_FILE_BYTES:
-            raise ImageError(f"{st.st_size:,} bytes is over the {MAX_FILE_BYTES:,}-byte file limit")
+            raise ImageTooLarge(f"{st.st_size:,} bytes is over the {MAX_FILE_BYTES:,}-byte file limit")
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
@@ -54,7 +54,7 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
         image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as e:
         if "validateInputImageSize" in str(e):  # OpenCV's limit (cnnedge/__init__.py): nothing was decoded
-            raise ImageError(f"over the size limit of {MAX_PIXELS:,} pixels and {1 << 20:,} on a side "
+            raise ImageTooLarge(f"over the size limit of {MAX_PIXELS:,} pixels and {1 << 20:,} on a side "
                              "(refused from its header, without decoding it)") from None
         raise ImageError(f"not a decodable image ({str(e).strip().splitlines()[-1][:80]})") from None
     if image is None:

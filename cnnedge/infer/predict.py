@@ -107,12 +107,9 @@ def render_table(predictions: list[Prediction], summary: Summary, model: str, pr
     console.print(line, markup=False)
 
 
-def render_json(predictions: list[Prediction], summary: Summary, model: str, provider: str,
-                gallery: str | None = None, metric: str | None = None) -> str:
-    doc = {"model": model, "provider": provider}
-    if gallery is not None:
-        doc.update(gallery=gallery, metric=metric)
-    doc.update(results=[p.to_dict() for p in predictions], summary=summary.to_dict())
+def render_json(predictions: list[Prediction], summary: Summary, header: dict) -> str:
+    """`header`: Predictor.header() (model, provider, gallery), as `cnnedge serve` answers too."""
+    doc = {**header, "results": [p.to_dict() for p in predictions], "summary": summary.to_dict()}
     return json.dumps(doc, indent=2)
 
 
@@ -162,8 +159,7 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
         title = model if gallery is None else f"{model} + {shown_path(gallery)}"
         render_table(predictions, summary, title, predictor.provider, topk)
     else:
-        text = (render_json(predictions, summary, model, predictor.provider, gallery, predictor.metric)
-                if fmt == "json" else render_csv(predictions))
+        text = render_json(predictions, summary, predictor.header()) if fmt == "json" else render_csv(predictions)
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
     return int(ExitCode.PARTIAL) if summary.errors or problems else int(ExitCode.OK)

@@ -2,7 +2,7 @@
 
     from cnnedge import Predictor
     predictor = Predictor()                     # the shipped model; or Predictor("export/my.onnx")
-    for p in predictor.predict(["photo.jpg", "samples/", numpy_image]):
+    for p in predictor.predict(["photo.jpg", "samples/", numpy_image, png_bytes]):
         print(p.path, p.label, p.confidence, p.error)
 
 Files are read, decoded and preprocessed by a thread pool (OpenCV and file I/O release the GIL) while
@@ -25,18 +25,19 @@ import cv2
 import numpy as np
 
 from cnnedge.errors import CnnedgeError, ImageError
-from cnnedge.infer.files import read_image, scan_folder
+from cnnedge.infer.files import decode_image, read_image, scan_folder, shown_path
 from cnnedge.infer.gallery import Gallery
 from cnnedge.infer.modelinfo import EMBEDDING_NAME, LOGITS_NAME, default_model
 from cnnedge.infer.preprocess import analyse_batch
 from cnnedge.infer.runtime import Runtime, softmax, topk as top_k
 
 CHUNK = 32  # images per thread-pool task: big enough to amortise the task overhead
+ENCODED = (bytes, bytearray, memoryview)  # an image file's contents (an upload to `cnnedge serve`)
 
 
 @dataclass
 class Prediction:
-    path: str | None  # None for arrays given to the API
+    path: str | None  # None for arrays and bytes given to the API
     label: str | None = None  # None when the input failed
     index: int | None = None
     confidence: float | None = None
@@ -47,13 +48,17 @@ class Prediction:
     metric: str | None = None  # with a gallery: the distance used, and the distance to every class
     distances: dict[str, float] | None = None
     embedding: np.ndarray | None = field(default=None, repr=False)  # when the Predictor keeps embeddings
+    input: np.ndarray | None = field(default=None, repr=False)  # the network input, when the Predictor keeps inputs
+    exception: ImageError | None = field(default=None, repr=False)  # the error behind `error` (its kind)
 
     def to_dict(self) -> dict:
+        """The JSON result object of `cnnedge predict --format json` and of `cnnedge serve`."""
         d = {
             "path": self.path,
             "label": self.label,
             "confidence": self.confidence,
             "topk": [{"label": name, "probability": p} for name, p in self.topk],
+            "box": None if self.box is None else dict(zip(("x", "y", "w", "h"), self.box)),
             "error": self.error,
             "truth": self.truth,
         }
@@ -62,9 +67,6 @@ class Prediction:
                 t["distance"] = self.distances[t["label"]]
             d.update(metric=self.metric, distances=self.distances)
         return d
-
-
-# -------------------------------------------------------------------------------------- inputs
 
 
 # ------------------------------------------------------------------------------------ predictor
@@ -76,12 +78,12 @@ class Predictor:
 
     With `gallery` (a file from `cnnedge enroll`, or a Gallery) the labels are the gallery's classes, found
     by the nearest prototype under `metric` (default: the gallery's); `embeddings=True` keeps each image's
-    embedding in `Prediction.embedding`."""
+    embedding in `Prediction.embedding`, `inputs=True` its network input in `Prediction.input`."""
 
     def __init__(self, model: str | os.PathLike | None = None, provider: str = "auto", batch_size: int = 256,
                  workers: int | None = None, topk: int = 3, threads: int | None = None,
                  gallery: str | os.PathLike | Gallery | None = None, metric: str | None = None,
-                 embeddings: bool = False):
+                 embeddings: bool = False, inputs: bool = False):
         if batch_size < 1:
             raise CnnedgeError(f"--batch-size must be at least 1, not {batch_size}")
         if topk < 1:
@@ -103,6 +105,7 @@ class Predictor:
             self.metric = gallery.resolve_metric(metric)
             self.class_names = gallery.class_names
         self.keep_embeddings = embeddings or gallery is not None
+        self.keep_inputs = inputs
         self.batch_size = batch_size
         self.topk = topk
         self.workers = max(1, workers or min(8, os.cpu_count() or 1))
@@ -131,6 +134,13 @@ class Predictor:
     def __exit__(self, *exc):
         self.close()
 
+    def header(self) -> dict:
+        """What every JSON answer says about where its results come from: model, provider (and gallery)."""
+        d = {"model": shown_path(self.model), "provider": self.provider}
+        if self.gallery is not None:
+            d.update(gallery=shown_path(self.gallery.source), metric=self.metric)
+        return d
+
     def preprocess(self, image: np.ndarray):
         """A decoded image -> the `Prepared` network input (see cnnedge.infer.preprocess.analyse); raises
         ImageError when there is none."""
@@ -140,24 +150,25 @@ class Predictor:
         return prepared
 
     def _prepare_chunk(self, chunk: list) -> list:
-        """Decode and preprocess a chunk of paths or arrays -> [(input or None, error or None, box)]."""
+        """Decode and preprocess a chunk of paths, encoded files (bytes) or arrays -> [(input or None,
+        ImageError or None, box)]."""
         images: list = []
-        errors: dict[int, str] = {}
+        errors: dict[int, ImageError] = {}
         for i, item in enumerate(chunk):
             if isinstance(item, np.ndarray):
                 images.append(item)
                 continue
             try:
-                images.append(read_image(item))
+                images.append(decode_image(item) if isinstance(item, ENCODED) else read_image(item))
             except ImageError as e:
                 images.append(None)
-                errors[i] = str(e)
+                errors[i] = _bare(e)
         out = []
         for i, prepared in enumerate(analyse_batch(images, self.info.preprocess, self.size)):
             if i in errors:
                 out.append((None, errors[i], None))
             elif isinstance(prepared, ImageError):
-                out.append((None, str(prepared), None))
+                out.append((None, _bare(prepared), None))
             else:
                 out.append((prepared.input, None, prepared.box))
         return out
@@ -169,20 +180,20 @@ class Predictor:
         return parent if parent in self.class_names else None
 
     def predict(self, images, topk: int | None = None) -> list[Prediction]:
-        """Predictions for an image path, a decoded image (numpy array: grey, BGR or BGRA), a folder, a
-        stack of images (N, H, W) or (N, H, W, C), or a list of them, in input order. Inputs that fail carry
-        `error` instead of a label."""
+        """Predictions for an image path, an image file's contents (bytes), a decoded image (numpy array:
+        grey, BGR or BGRA), a folder, a stack of images (N, H, W) or (N, H, W, C), or a list of them, in
+        input order. Inputs that fail carry `error` instead of a label."""
         if isinstance(images, np.ndarray):
             stack = images.ndim == 4 or (images.ndim == 3 and images.shape[2] not in (1, 3, 4))
             images = list(images) if stack else [images]
-        elif isinstance(images, (str, os.PathLike)):
+        elif isinstance(images, (str, os.PathLike, *ENCODED)):
             images = [images]
         items = []
         for item in images:
             if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
                 items += [str(p) for p in scan_folder(Path(item))]
             else:
-                items.append(item if isinstance(item, np.ndarray) else str(item))
+                items.append(item if isinstance(item, (np.ndarray, *ENCODED)) else str(item))
         return list(self.predict_iter(items, topk))
 
     def predict_iter(self, items: Iterable, topk: int | None = None, save_crops: str | os.PathLike | None = None,
@@ -190,8 +201,10 @@ class Predictor:
         """Stream predictions for paths or arrays, in input order. Decoding and preprocessing run in the
         thread pool, inference in the calling thread on batches of `batch_size`."""
         k = topk or self.topk
-        items = iter(items)
         chunk_size = max(1, min(CHUNK, self.batch_size))
+        if isinstance(items, (list, tuple)):  # a short list (a server's batch): spread it over the whole pool
+            chunk_size = max(1, min(chunk_size, -(-len(items) // self.workers)))
+        items = iter(items)
         pending: deque = deque()
         buffered: list[tuple] = []  # (item, input or None, error, box) in input order
         ready = 0
@@ -249,8 +262,9 @@ class Predictor:
         row = {i: r for r, i in enumerate(good)}
         out = []
         for i, (item, x, error, box) in enumerate(buffered):
-            path = None if isinstance(item, np.ndarray) else str(item)
-            p = Prediction(path=path, error=error, truth=self._truth(path), box=box, metric=self.metric)
+            path = None if isinstance(item, (np.ndarray, *ENCODED)) else str(item)
+            p = Prediction(path=path, error=None if error is None else str(error), truth=self._truth(path), box=box,
+                           metric=self.metric, exception=error)
             if i in row:
                 r = row[i]
                 p.index = int(idx[r, 0])
@@ -259,12 +273,19 @@ class Predictor:
                 p.topk = [(self.class_names[int(j)], float(v)) for j, v in zip(idx[r], val[r])]
                 if embeddings is not None:
                     p.embedding = embeddings[r]
+                if self.keep_inputs:
+                    p.input = x
                 if dist is not None:
                     p.distances = {name: float(v) for name, v in zip(self.class_names, dist[r])}
                 if save_crops is not None:
                     _save_crop(Path(save_crops), start + i, path, p.label, x)
             out.append(p)
         return out
+
+
+def _bare(e: ImageError) -> ImageError:
+    """The same error without its traceback and context, which hold the frames and their decoded images."""
+    return type(e)(str(e))
 
 
 def _save_crop(folder: Path, index: int, path: str | None, label: str, x: np.ndarray) -> None:

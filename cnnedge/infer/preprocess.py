@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 
 from cnnedge.choices import PREPROCESS_MODES
-from cnnedge.errors import ImageError
+from cnnedge.errors import ImageError, ImageTooLarge
 from cnnedge.infer.files import MAX_PIXELS
 
 INK = ("auto", "dark", "light")
@@ -638,7 +638,7 @@ def analyse(image: np.ndarray, mode: str = "digit", size: int = 28,
         raise ValueError(f"unknown ink {ink!r}; choose one of {', '.join(INK)}")
     img = _checked(image)
     if img.shape[0] * img.shape[1] > MAX_PIXELS:
-        raise ImageError(f"{img.shape[1]}x{img.shape[0]} pixels is over the {MAX_PIXELS:,}-pixel limit")
+        raise ImageTooLarge(f"{img.shape[1]}x{img.shape[0]} pixels is over the {MAX_PIXELS:,}-pixel limit")
     ox = oy = 0
     if roi is not None:
         x, y, w, h = (int(v) for v in roi)
