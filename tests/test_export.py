@@ -67,13 +67,9 @@ def mnist_test(n: int, checkpoint: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory, data_root):
-    """The shipped checkpoint exported once with both variants, as a user would."""
-    out = tmp_path_factory.mktemp("shipped") / "cnn.onnx"
-    with pytest.MonkeyPatch.context() as mp:
-        code = export_cli(mp, SHIPPED, "--out", out, "--quantize", "fp16", "--quantize", "int8")
-    assert code == 0
-    return out, json.loads(out.with_suffix(".json").read_text())
+def shipped(fresh_export):
+    """The shipped checkpoint exported once with both variants, as a user would (conftest.fresh_export)."""
+    return fresh_export.path, fresh_export.report
 
 
 # ------------------------------------------------------------------------------------ every architecture
