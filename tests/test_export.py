@@ -171,6 +171,24 @@ def test_parity_failure_exits_3_and_writes_nothing(tmp_path, monkeypatch, capsys
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
+def test_opencv_parity_failure_exits_3_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """The second runtime decides too: OpenCV's fp32 logits 1e-3 off (onnxruntime's are right) fail the export."""
+    run_opencv = ex.run_opencv
+
+    def drifted(net, x):
+        logits, embedding = run_opencv(net, x)
+        return logits + 1e-3, embedding
+
+    monkeypatch.setattr(ex, "run_opencv", drifted)
+    monkeypatch.setenv("CNNEDGE_DATA", str(tmp_path / "no-data"))
+    ckpt = make_checkpoint(tmp_path / "edgenet.pt", "edgenet")
+    out_dir = tmp_path / "export"
+    assert export_cli(monkeypatch, ckpt, "--out", out_dir / "cnn.onnx") == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert len(err) == 1 and "OpenCV DNN" in err[0] and "parity failed" in err[0] and "1.00e-03" in err[0], err
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
 def test_a_non_checkpoint_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     bogus = tmp_path / "weights.pt"
     bogus.write_bytes(b"this is not a checkpoint")

@@ -113,6 +113,28 @@ def test_export_verifies_every_variant_in_each_opencv_engine(fresh_export):
     assert "runtimes verified" in fresh_export.stdout
 
 
+def test_info_shows_the_checks_of_that_very_file(fresh_export, tmp_path):
+    import shutil
+
+    runner = CliRunner()
+    doc = json.loads(runner.invoke(cli.app, ["info", str(variant(fresh_export, "int8")), "--format", "json"]).stdout)
+    rows = doc["verified"]["runtimes"]
+    assert doc["verified"]["report"] == str(fresh_export.path.with_suffix(".json"))
+    assert {r["precision"] for r in rows} == {"int8"} and rows == [r for r in fresh_export.report["runtimes"]
+                                                                    if r["precision"] == "int8"]
+    assert any(r["runtime"] == "opencv" and r["passed"] for r in rows)
+    table = runner.invoke(cli.app, ["info", str(variant(fresh_export, "fp16"))]).stdout
+    assert "verified in" in table and re.search(r"opencv \S+ new vs onnxruntime fp16 on 10,000 images: .*: ok", table)
+    assert "cannot run it" in table  # the classic engine's row
+    # a report from another export beside a copied model says nothing about it
+    shutil.copy(fresh_export.path, tmp_path / "cnn.onnx")
+    report = {**fresh_export.report, "export_date": "2020-01-01T00:00:00+00:00"}
+    (tmp_path / "cnn.json").write_text(json.dumps(report))
+    doc = json.loads(runner.invoke(cli.app, ["info", str(tmp_path / "cnn.onnx"), "--format", "json"]).stdout)
+    assert doc["verified"] is None
+    assert "no export report beside the model" in runner.invoke(cli.app, ["info", str(tmp_path / "cnn.onnx")]).stdout
+
+
 def test_opencv_agrees_with_onnxruntime_on_the_whole_test_set(fresh_export, test_set):
     """The issue's goal, measured here independently of the export: every top-1 of the 10,000 test images the
     same as onnxruntime's for each variant, and fp32 logits and embeddings within 1e-4; int8 and fp16 in the
