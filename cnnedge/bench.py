@@ -1,7 +1,8 @@
-"""`cnnedge bench`: PyTorch eager vs onnxruntime fp32, fp16 and int8 on this machine, in one run.
+"""`cnnedge bench`: PyTorch eager vs onnxruntime and OpenCV DNN, fp32, fp16 and int8, on this machine, in one run.
 
     cnnedge bench                                   # export/cnn.onnx, its variants, models/cnn.pt
     cnnedge bench --providers cpu,cuda --format json
+    cnnedge bench --runtimes opencv                 # a board without onnxruntime
 
 Every row is one engine (a runtime, a provider, a precision) at one batch size:
 
@@ -10,17 +11,20 @@ Every row is one engine (a runtime, a provider, a precision) at one batch size:
   taking turns so that a machine whose load changes during the run hurts them alike;
 - throughput: batch / p50 latency, so the ratios between rows are ratios of measured medians;
 - accuracy: the test set (MNIST-style idx files under the data folder) run through THAT engine;
-- achieved GFLOP/s: 2 x the model's MACs per image x images/s, next to a measured matrix-multiply peak.
+- achieved GFLOP/s: 2 x the model's MACs per image x images/s, next to a measured matrix-multiply peak;
+- ratios: vs PyTorch, vs the same runtime's fp32 row, and (OpenCV rows) vs onnxruntime at that precision.
 
 Then preprocessing throughput (28x28 crops and 640x480 photos, one thread and predict's thread pool) and
-end-to-end `Predictor` throughput on a generated folder of image files.
+end-to-end `Predictor` throughput on a generated folder of image files, per runtime.
 
 Torch-free unless a checkpoint is benchmarked: the PyTorch rows import torch, and are skipped (speed-ups
 null) where it is not installed. MACs need the `onnx` package; without it they are reported as unknown.
+Without onnxruntime (32-bit ARM boards) the OpenCV rows run alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,6 +44,7 @@ from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, default_
 
 DEFAULT_CHECKPOINT = "models/cnn.pt"
 PROVIDER_NAMES = ("cpu", "cuda", "tensorrt")
+RUNTIME_ORDER = ("onnxruntime", "opencv")
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 ROW_KEYS = ("runtime", "provider", "precision", "batch", "latency_ms_p50", "latency_ms_p99", "images_per_second",
             "accuracy", "size_bytes", "speedup_vs_torch")
@@ -54,6 +59,7 @@ class BenchConfig:
     checkpoint: str | None = None  # None: models/cnn.pt when it exists
     batch_sizes: tuple[int, ...] = (1, 64, 256)
     providers: tuple[str, ...] = ("auto",)
+    runtimes: tuple[str, ...] | None = None  # None: every installed one (onnxruntime where it is, and OpenCV)
     threads: int | None = None  # None: the CPU count, for onnxruntime and torch alike
     warmup: int = 10
     repeat: int = 30
@@ -68,7 +74,7 @@ class BenchConfig:
 class Engine:
     """Something that turns a normalized float32 batch into logits, and what it really is."""
 
-    runtime: str  # "torch" or "onnxruntime"
+    runtime: str  # "torch", "onnxruntime" or "opencv"
     provider: str  # what the session or device really uses, not what was asked for
     precision: str
     file: str
@@ -76,7 +82,7 @@ class Engine:
     version: str
     session_providers: list[str] | None
     run: Callable[[np.ndarray], np.ndarray]
-    info: ModelInfo | None = None  # the ONNX model's metadata (onnxruntime engines)
+    info: ModelInfo | None = None  # the ONNX model's metadata (onnxruntime and OpenCV engines)
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -106,6 +112,14 @@ def parse_providers(text: str) -> tuple[str, ...]:
     if "auto" in providers and len(providers) > 1:
         raise CnnedgeError("--providers: auto stands alone (it means cpu, and cuda where it really loads)")
     return providers
+
+
+def parse_runtimes(text: str) -> tuple[str, ...]:
+    runtimes = tuple(dict.fromkeys(r.lower() for r in parse_list(text, "--runtimes")))
+    for r in runtimes:
+        if r not in RUNTIME_ORDER:
+            raise CnnedgeError(f"--runtimes: unknown runtime {r!r}; choose from {', '.join(RUNTIME_ORDER)}")
+    return runtimes
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -182,6 +196,18 @@ def onnx_engine(path: Path, provider: str, threads: int) -> Engine:
                   f"onnxruntime {ort.__version__}", list(session.get_providers()), run, rt.info)
 
 
+def opencv_engine(path: Path, threads: int) -> Engine:
+    """OpenCV DNN on the CPU exactly as `--runtime opencv` runs it (cnnedge.infer.opencv.OpenCVRuntime)."""
+    from cnnedge.infer.opencv import OpenCVRuntime
+
+    rt = OpenCVRuntime(path, "cpu", threads)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return rt.forward(x.astype(rt.input_dtype, copy=False))[0]
+
+    return Engine("opencv", "cpu", rt.info.precision, str(path), path.stat().st_size, rt.version, None, run, rt.info)
+
+
 def torch_engine(checkpoint: Path, provider: str, threads: int) -> Engine:
     """The checkpoint in PyTorch eager mode (inference_mode), on the CPU or the CUDA device."""
     import torch
@@ -218,8 +244,41 @@ def checkpoint_path(cfg: BenchConfig) -> tuple[Path | None, str | None]:
     return path, None
 
 
+def selected_runtimes(cfg: BenchConfig, notes: list[str]) -> tuple[str, ...]:
+    """--runtimes, or every installed runtime; onnxruntime asked for but missing is the one-line error."""
+    from cnnedge.infer.runtime import default_runtime, import_onnxruntime
+
+    if cfg.runtimes is None:
+        if default_runtime() == "opencv":
+            notes.append("no onnxruntime rows: onnxruntime is not installed")
+            return ("opencv",)
+        return RUNTIME_ORDER
+    if "onnxruntime" in cfg.runtimes:
+        import_onnxruntime()
+    return tuple(r for r in RUNTIME_ORDER if r in cfg.runtimes)
+
+
+def runtime_engines(runtime: str, provider: str, variants: dict[str, Path], threads: int, notes: list[str]) -> list[Engine]:
+    """The fp32 model and its variants in one runtime; CnnedgeError when the fp32 model does not load
+    (a variant that does not is a note)."""
+    engines = []
+    for precision, path in variants.items():
+        try:
+            engine = onnx_engine(path, provider, threads) if runtime == "onnxruntime" else opencv_engine(path, threads)
+        except CnnedgeError as e:
+            if precision == "fp32":
+                raise
+            notes.append(f"no {runtime} {precision} {provider} rows: {e}")
+            continue
+        if engine.precision != precision:
+            notes.append(f"{path}: its metadata says precision {engine.precision}; its rows are named so")
+        engines.append(engine)
+    return engines
+
+
 def make_engines(cfg: BenchConfig, threads: int, notes: list[str]) -> list[Engine]:
-    """Every engine that really loads, in table order (per provider: torch, fp32, fp16, int8)."""
+    """Every engine that really loads, in table order (per provider: torch, then each runtime's fp32, fp16,
+    int8; OpenCV on the CPU only)."""
     model = Path(cfg.model) if cfg.model else default_model()
     if not model.is_file():  # before anything slow
         raise CnnedgeError(f"{model}: no such model file (export one with `cnnedge export`)")
@@ -228,6 +287,7 @@ def make_engines(cfg: BenchConfig, threads: int, notes: list[str]) -> list[Engin
         if not path.is_file():
             notes.append(f"no {precision} rows: {path} not found (cnnedge export --quantize {precision})")
             del variants[precision]
+    runtimes = selected_runtimes(cfg, notes)
     checkpoint, why = checkpoint_path(cfg)
     if why:
         notes.append(why)
@@ -236,32 +296,32 @@ def make_engines(cfg: BenchConfig, threads: int, notes: list[str]) -> list[Engin
     engines: list[Engine] = []
     failed = []
     for provider in ("cpu", "cuda") if auto else cfg.providers:
-        try:
-            group = [onnx_engine(model, provider, threads)]
-        except CnnedgeError as e:
-            if provider == "cpu":  # the model itself is unusable
-                raise
-            failed.append(f"{provider}: {e}")
+        group, errors = [], {}
+        for runtime in runtimes:
+            if runtime == "opencv" and provider != "cpu":
+                continue
+            try:
+                group += runtime_engines(runtime, provider, variants, threads, notes)
+            except CnnedgeError as e:
+                errors[runtime] = e
+        if not group:
+            if provider == "cpu" and errors:  # the model itself is unusable
+                raise next(iter(errors.values()))
+            why = next(iter(errors.values()), "OpenCV DNN runs on the CPU only")
+            if errors or not auto:
+                failed.append(f"{provider}: {why}")
             continue
+        notes += [f"no {runtime} {provider} rows: {e}" for runtime, e in errors.items()]
         if checkpoint is not None:
             try:
                 group.insert(0, torch_engine(checkpoint, provider, threads))
             except CnnedgeError as e:
                 notes.append(f"no PyTorch {provider} rows: {e}")
-        for precision, path in list(variants.items())[1:]:
-            try:
-                engine = onnx_engine(path, provider, threads)
-            except CnnedgeError as e:
-                notes.append(f"no {precision} {provider} rows: {e}")
-                continue
-            if engine.precision != precision:
-                notes.append(f"{path}: its metadata says precision {engine.precision}; its rows are named so")
-            group.append(engine)
         engines += group
     if not engines:
         raise CnnedgeError("no requested provider can run the model: " + "; ".join(failed))
     notes += [f"no rows for provider {f}" for f in failed]
-    info = next(e.info for e in engines if e.runtime == "onnxruntime")
+    info = next(e.info for e in engines if e.info is not None)
     if checkpoint is not None and info.checkpoint_sha256 and info.checkpoint_sha256 != file_sha256(checkpoint):
         notes.append(f"{checkpoint} is not the checkpoint {model} was exported from (sha256 differs): "
                      "the PyTorch rows run a different network")
@@ -311,7 +371,7 @@ def make_row(engine: Engine, batch: int, times: np.ndarray) -> dict:
         "runtime": engine.runtime, "provider": engine.provider, "precision": engine.precision, "batch": batch,
         "latency_ms_p50": float(1e3 * p50), "latency_ms_p99": float(1e3 * p99),
         "images_per_second": float(batch / p50), "accuracy": None, "size_bytes": engine.size_bytes,
-        "speedup_vs_torch": None, "speedup_vs_fp32": None, "gflops": None, "calls": len(times),
+        "speedup_vs_torch": None, "speedup_vs_fp32": None, "speedup_vs_onnxruntime": None, "gflops": None, "calls": len(times),
         "file": engine.file, "engine": engine.version, "session_providers": engine.session_providers,
     }
 
@@ -328,15 +388,19 @@ def find_row(rows: list[dict], runtime: str, precision: str, provider: str, batc
 
 
 def add_ratios(rows: list[dict], macs: int | None) -> None:
-    """speedup_vs_torch (vs the PyTorch row of the same provider and batch), speedup_vs_fp32 (vs the
-    onnxruntime fp32 row) and achieved GFLOP/s, all from the measured images/s of the rows themselves."""
+    """speedup_vs_torch (vs the PyTorch row of the same provider and batch), speedup_vs_fp32 (vs the same
+    runtime's fp32 row), speedup_vs_onnxruntime (OpenCV rows: vs onnxruntime at the same precision) and
+    achieved GFLOP/s, all from the measured images/s of the rows themselves."""
     for r in rows:
         torch_row = find_row(rows, "torch", "fp32", r["provider"], r["batch"])
-        fp32_row = find_row(rows, "onnxruntime", "fp32", r["provider"], r["batch"])
+        fp32_row = find_row(rows, r["runtime"], "fp32", r["provider"], r["batch"])
+        ort_row = find_row(rows, "onnxruntime", r["precision"], r["provider"], r["batch"])
         if torch_row is not None:
             r["speedup_vs_torch"] = r["images_per_second"] / torch_row["images_per_second"]
-        if fp32_row is not None and r["runtime"] == "onnxruntime":
+        if fp32_row is not None and r["runtime"] != "torch":
             r["speedup_vs_fp32"] = r["images_per_second"] / fp32_row["images_per_second"]
+        if ort_row is not None and r["runtime"] == "opencv":
+            r["speedup_vs_onnxruntime"] = r["images_per_second"] / ort_row["images_per_second"]
         if macs:
             r["gflops"] = 2 * macs * r["images_per_second"] / 1e9
 
@@ -377,12 +441,13 @@ def count_macs(path: Path) -> int | None:
 def matmul_peak(threads: int, n: int = MATMUL_SIZE, runs: int = 20) -> float | None:
     """GFLOP/s of a float32 n x n matrix product in onnxruntime's CPU provider (MLAS, the library the
     onnxruntime rows run on) with the rows' thread count: the practical ceiling for dense float32
-    arithmetic here. The best of a few runs: a ceiling, not a typical case. None without `onnx`."""
+    arithmetic here. The best of a few runs: a ceiling, not a typical case. None without `onnx` or
+    onnxruntime."""
     try:
+        import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
-    import onnxruntime as ort
 
     rng = np.random.default_rng(0)
     b = numpy_helper.from_array(rng.standard_normal((n, n), np.float32), "b")
@@ -481,7 +546,7 @@ def write_folder(folder: Path, images: list[np.ndarray], labels, class_names: li
 
 
 def bench_predict(predictor, paths: list[str], what: str, repeat: int) -> dict:
-    """images/s of Predictor.predict_iter on files (read, decode, preprocess, onnxruntime, top-k)."""
+    """images/s of Predictor.predict_iter on files (read, decode, preprocess, the network, top-k)."""
     list(predictor.predict_iter(paths[:256]))  # warm-up: pool threads, session, page cache
     results = []
 
@@ -492,7 +557,7 @@ def bench_predict(predictor, paths: list[str], what: str, repeat: int) -> dict:
     labelled = [p for p in results if p.truth is not None]
     acc = float(np.mean([p.label == p.truth for p in labelled])) if labelled else None
     return {"input": what, "images": len(paths), "errors": sum(p.error is not None for p in results),
-            "provider": predictor.provider, "batch": predictor.batch_size, "workers": predictor.workers,
+            "runtime": predictor.runtime.name, "provider": predictor.provider, "batch": predictor.batch_size, "workers": predictor.workers,
             "images_per_second": _rate(seconds, len(paths)), "accuracy": acc}
 
 
@@ -552,33 +617,38 @@ def bench_inference(engines: list[Engine], inputs: Inputs, cfg: BenchConfig, pro
     return rows
 
 
-def bench_files(model: str, provider: str, threads: int, inputs: Inputs, cfg: BenchConfig, progress) -> tuple[list, list]:
-    """Preprocessing rows and end-to-end predict rows, on the crops and on generated photos."""
+def bench_files(model: str, provider: str, threads: int, inputs: Inputs, cfg: BenchConfig, progress,
+                runtimes: list[str]) -> tuple[list, list]:
+    """Preprocessing rows (the first runtime's Predictor: preprocessing is the same in all), and end-to-end
+    predict rows per runtime, on the crops and on generated photos."""
     from cnnedge.infer.predictor import Predictor
 
     preprocess_rows, predict_rows = [], []
     repeat = max(1, min(3, cfg.repeat))
-    with Predictor(model, provider, threads=threads) as predictor, tempfile.TemporaryDirectory(prefix="cnnedge-bench-") as tmp:
-        names = predictor.class_names
+    with contextlib.ExitStack() as stack:
+        predictors = [stack.enter_context(Predictor(model, provider if rt == "onnxruntime" else "cpu", threads=threads,
+                                                    runtime=rt)) for rt in runtimes]
+        first, names = predictors[0], predictors[0].class_names
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnedge-bench-"))
         if inputs.crops:
             progress("preprocessing and predict: crops")
             h, w = inputs.crops[0].shape
-            preprocess_rows += bench_preprocess(predictor, inputs.crops, f"{len(inputs.crops):,} {w}x{h} crops", repeat)
+            preprocess_rows += bench_preprocess(first, inputs.crops, f"{len(inputs.crops):,} {w}x{h} crops", repeat)
             paths = write_folder(Path(tmp) / "crops", inputs.crops, inputs.crop_labels, names, ".png")
-            predict_rows.append(bench_predict(predictor, paths, f"{len(paths):,} {w}x{h} PNG files", repeat))
+            predict_rows += [bench_predict(p, paths, f"{len(paths):,} {w}x{h} PNG files", repeat) for p in predictors]
         if cfg.photos:
             progress("preprocessing and predict: generating photos")
             images, digits = photos(cfg.photos)
             w, h = PHOTO_SIZE
-            preprocess_rows += bench_preprocess(predictor, images, f"{len(images):,} {w}x{h} photos", repeat)
+            preprocess_rows += bench_preprocess(first, images, f"{len(images):,} {w}x{h} photos", repeat)
             paths = write_folder(Path(tmp) / "photos", images, [str(d) for d in digits], names, ".jpg")
-            predict_rows.append(bench_predict(predictor, paths, f"{len(paths):,} {w}x{h} JPEG photos", repeat))
+            predict_rows += [bench_predict(p, paths, f"{len(paths):,} {w}x{h} JPEG photos", repeat) for p in predictors]
     return preprocess_rows, predict_rows
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda message: None) -> dict:
     """Measure everything; returns the JSON document (see the README for its fields)."""
-    import onnxruntime as ort
+    import cv2
 
     from cnnedge import __version__
 
@@ -588,8 +658,9 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda message: None
     host = machine()  # the load average before we add to it
     progress("loading models")
     engines = make_engines(cfg, threads, notes)
-    fp32 = next(e for e in engines if e.runtime == "onnxruntime")
+    fp32 = next(e for e in engines if e.info is not None)  # the fp32 model in the first runtime
     info = fp32.info
+    ort_engine = next((e for e in engines if e.runtime == "onnxruntime"), None)
     inputs = make_inputs(info, cfg, notes)
 
     rows = bench_inference(engines, inputs, cfg, progress)
@@ -607,15 +678,17 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda message: None
 
     preprocess_rows, predict_rows = [], []
     if inputs.crops or cfg.photos:  # on the first provider: cpu whenever it was asked for
-        preprocess_rows, predict_rows = bench_files(fp32.file, rows[0]["provider"], threads, inputs, cfg, progress)
+        runtimes = list(dict.fromkeys(e.runtime for e in engines if e.file == fp32.file and e.provider == fp32.provider))
+        preprocess_rows, predict_rows = bench_files(fp32.file, fp32.provider, threads, inputs, cfg, progress, runtimes)
 
     torch_used = next((e for e in engines if e.runtime == "torch"), None)
     return {
         "command": None,  # the CLI fills it in
         "machine": host,
-        "versions": {"cnnedge": __version__, "onnxruntime": ort.__version__, "numpy": np.__version__,
+        "versions": {"cnnedge": __version__, "onnxruntime": ort_engine.version.split()[1] if ort_engine else None,
+                     "opencv": cv2.__version__, "numpy": np.__version__,
                      "torch": torch_used.version.split()[1] if torch_used else None},
-        "threads": {"onnxruntime_intra_op": threads, "onnxruntime_inter_op": 1,
+        "threads": {"onnxruntime_intra_op": threads, "onnxruntime_inter_op": 1, "opencv": cv2.getNumThreads(),
                     "torch": threads if torch_used else None,
                     "preprocess_workers": predict_rows[0]["workers"] if predict_rows else None,
                     # OpenMP's waiting threads spin by default: on a busy machine that can cost torch 100x
@@ -659,12 +732,14 @@ def header_lines(doc: dict) -> list[str]:
     env = ", ".join(f"{k}={v}" for k, v in t["environment"].items() if v)
     torch_part = f"torch {doc['versions']['torch']} {_threads(t['torch'])}" if t["torch"] else "no torch"
     torch_part += f" ({env})" if env else ""
+    ort_part = (f"onnxruntime {doc['versions']['onnxruntime']} intra-op {t['onnxruntime_intra_op']} (inter-op 1, sequential)"
+                if doc["versions"]["onnxruntime"] else "no onnxruntime")
     lines = [
         f"model: {model['path']} ({model['arch']}, {macs}); accuracy: {model['accuracy_on'] or 'not measured'}, each row on its own runtime",
         f"machine: {m['cpu']}, {m['cores']} cores{load}",
-        f"threads: onnxruntime {doc['versions']['onnxruntime']} intra-op {t['onnxruntime_intra_op']} (inter-op 1, sequential); "
+        f"threads: {ort_part}; OpenCV {doc['versions']['opencv']} {_threads(t['opencv'])}; "
         f"{torch_part}; preprocessing pool {t['preprocess_workers'] or '-'} workers",
-        (f"peak: {peak['cpu']:,.1f} GFLOP/s ({peak['cpu_method']})" if peak["cpu"] else "peak: not measured (no onnx package)")
+        (f"peak: {peak['cpu']:,.1f} GFLOP/s ({peak['cpu_method']})" if peak["cpu"] else "peak: not measured (needs onnx and onnxruntime)")
         + (f"; cuda {peak['cuda']:,.1f} GFLOP/s ({peak['cuda_method']})" if peak.get("cuda") else "")
         + "; GFLOP/s = 2 x MACs x images/s (int8 rows: integer operations, against the same float32 peak)",
         f"timing: {doc['timing']['warmup_calls']} warm-up calls, then >= {doc['timing']['min_calls']} calls and "
@@ -675,15 +750,19 @@ def header_lines(doc: dict) -> list[str]:
 
 
 ROW_COLUMNS = ("runtime", "provider", "precision", "batch", "p50 ms", "p99 ms", "images/s", "vs torch", "vs fp32",
-               "GFLOP/s", "of peak", "accuracy", "size")
+               "vs onnxruntime", "GFLOP/s", "of peak", "accuracy", "size")
+
+
+def _ratio(value) -> str:
+    return _fmt(value, ".2f") + ("x" if value else "")
 
 
 def row_cells(r: dict) -> list[str]:
     from cnnedge.report import fmt_bytes
 
     return [r["runtime"], r["provider"], r["precision"], str(r["batch"]), f"{r['latency_ms_p50']:.3f}",
-            f"{r['latency_ms_p99']:.3f}", f"{r['images_per_second']:,.0f}", _fmt(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else ""),
-            _fmt(r["speedup_vs_fp32"], ".2f") + ("x" if r["speedup_vs_fp32"] else ""), _fmt(r["gflops"], ",.1f"),
+            f"{r['latency_ms_p99']:.3f}", f"{r['images_per_second']:,.0f}", _ratio(r["speedup_vs_torch"]),
+            _ratio(r["speedup_vs_fp32"]), _ratio(r.get("speedup_vs_onnxruntime")), _fmt(r["gflops"], ",.1f"),
             _pct(r["peak_fraction"]) if r.get("peak_fraction") is not None else "-", _pct(r["accuracy"]), fmt_bytes(r["size_bytes"])]
 
 
@@ -704,6 +783,12 @@ def summary_lines(doc: dict) -> list[str]:
             if v and f_big:
                 delta = "" if v["accuracy"] is None or f_big["accuracy"] is None else f", accuracy {100 * (v['accuracy'] - f_big['accuracy']):+.2f} points"
                 out.append(f"{provider}: {precision} vs fp32: {v['images_per_second'] / f_big['images_per_second']:.2f}x throughput at batch {big}{delta}")
+        ratios = [f"{p} {r['speedup_vs_onnxruntime']:.2f}x" for p in PRECISION_ORDER
+                  if (r := find_row(rows, "opencv", p, provider, big)) and r["speedup_vs_onnxruntime"]]
+        o_small = find_row(rows, "opencv", "fp32", provider, small)
+        if ratios and o_small and f_small:
+            out.append(f"{provider}: OpenCV DNN vs onnxruntime: {', '.join(ratios)} throughput at batch {big}; fp32 p50 "
+                       f"latency at batch {small} {o_small['latency_ms_p50']:.3f} ms vs {f_small['latency_ms_p50']:.3f} ms")
     return out
 
 
@@ -734,10 +819,11 @@ def render_table(doc: dict) -> None:
         console.print(t)
     if doc["predict"]:
         t = Table(title="end to end: Predictor on files (read, decode, preprocess, infer)", title_justify="left", min_width=60)
-        for col in ("input", "provider", "workers", "batch", "images/s", "accuracy"):
-            t.add_column(col, justify="left" if col in ("input", "provider") else "right")
+        for col in ("input", "runtime", "provider", "workers", "batch", "images/s", "accuracy"):
+            t.add_column(col, justify="left" if col in ("input", "runtime", "provider") else "right")
         for p in doc["predict"]:
-            t.add_row(escape(p["input"]), p["provider"], str(p["workers"]), str(p["batch"]), f"{p['images_per_second']:,.0f}", _pct(p["accuracy"]))
+            t.add_row(escape(p["input"]), p["runtime"], p["provider"], str(p["workers"]), str(p["batch"]),
+                      f"{p['images_per_second']:,.0f}", _pct(p["accuracy"]))
         console.print(t)
     for line in summary_lines(doc):
         console.print(line, markup=False, soft_wrap=True)
@@ -751,8 +837,10 @@ def render_markdown(doc: dict) -> str:
         lines += ["", "| preprocessing | threads | images/s |", "| --- | ---: | ---: |"]
         lines += [f"| {p['input']} | {p['threads']} | {p['images_per_second']:,.0f} |" for p in doc["preprocess"]]
     if doc["predict"]:
-        lines += ["", "| end to end (`Predictor`) | provider | workers | images/s | accuracy |", "| --- | --- | ---: | ---: | ---: |"]
-        lines += [f"| {p['input']} | {p['provider']} | {p['workers']} | {p['images_per_second']:,.0f} | {_pct(p['accuracy'])} |" for p in doc["predict"]]
+        lines += ["", "| end to end (`Predictor`) | runtime | provider | workers | images/s | accuracy |",
+                  "| --- | --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {p['input']} | {p['runtime']} | {p['provider']} | {p['workers']} | {p['images_per_second']:,.0f} | "
+                  f"{_pct(p['accuracy'])} |" for p in doc["predict"]]
     summary = summary_lines(doc)
     if summary:
         lines += [""] + [f"- {line}" for line in summary]

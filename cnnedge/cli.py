@@ -13,7 +13,7 @@ import typer
 
 from cnnedge import __version__
 from cnnedge.choices import (BenchFormat, Device, InfoFormat, Loss, Metric, Optimizer, PredictFormat, Provider,
-                             QuantizeOption, Schedule, WebcamFormat)
+                             QuantizeOption, Runtime, Schedule, WebcamFormat)
 from cnnedge.errors import CnnedgeError, ExitCode
 
 app = typer.Typer(
@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 TRAIN_MODULES = ("torch", "torchvision", "onnx", "onnxscript", "matplotlib")  # the cnnedge[train] extra
 SHIPPED_MODEL = "[default: the shipped model, cnnedge/infer/model/cnn.onnx in a wheel, export/cnn.onnx in the repo]"
+RUNTIME_HELP = ("What runs the network: onnxruntime, or opencv (OpenCV DNN, CPU only: for boards without onnxruntime "
+                "wheels such as 32-bit ARM) [default: onnxruntime; opencv where onnxruntime is not installed].")
 
 
 def main() -> None:
@@ -217,14 +219,15 @@ def predict(
     workers: Optional[int] = typer.Option(None, min=1, help="Threads that decode and preprocess [default: CPU count, at most 8]."),
     gallery: Optional[Path] = typer.Option(None, help="Classes from `cnnedge enroll` instead of the model's: the nearest class prototype wins."),
     metric: Optional[Metric] = typer.Option(None, help="With --gallery: cosine, or ssd (sum of squared differences) [default: the gallery's]."),
+    runtime: Optional[Runtime] = typer.Option(None, help=RUNTIME_HELP),
 ) -> None:
-    """Classify images with onnxruntime (no PyTorch): a table, JSON or CSV, and accuracy for class folders."""
+    """Classify images with onnxruntime or OpenCV DNN (no PyTorch): a table, JSON or CSV, and accuracy for class folders."""
     from cnnedge.infer.predict import run as run_predict
 
     code = run_predict(inputs, model=str(model) if model else None, provider=provider, recursive=recursive,
                        batch_size=batch_size, topk=topk, fmt=output_format,
                        save_crops=str(save_crops) if save_crops else None, workers=workers,
-                       gallery=str(gallery) if gallery else None, metric=metric)
+                       gallery=str(gallery) if gallery else None, metric=metric, runtime=runtime)
     if code:
         raise typer.Exit(code)
 
@@ -240,12 +243,13 @@ def enroll(
     provider: Provider = typer.Option("auto", help="onnxruntime execution provider; auto: CUDA when it really loads, else CPU."),
     batch_size: int = typer.Option(256, min=1, help="Images per inference batch."),
     workers: Optional[int] = typer.Option(None, min=1, help="Threads that decode and preprocess [default: CPU count, at most 8]."),
+    runtime: Optional[Runtime] = typer.Option(None, help=RUNTIME_HELP),
 ) -> None:
     """Add new classes without training (no PyTorch): store the images' embeddings and class prototypes."""
     from cnnedge.infer.enroll import run as run_enroll
 
     code = run_enroll(folder, out, model=str(model) if model else None, provider=provider, batch_size=batch_size,
-                      workers=workers)
+                      workers=workers, runtime=runtime)
     if code:
         raise typer.Exit(code)
 
@@ -266,13 +270,14 @@ def webcam(
     max_frames: Optional[int] = typer.Option(None, min=1, help="Stop after N processed frames."),
     save: Optional[Path] = typer.Option(None, help="Write the annotated video here (.mp4, .m4v, .mov, .mkv or .avi)."),
     work_size: int = typer.Option(128, min=28, help="Analyse the ROI at most this many pixels on its long side (raise it for small digits with --roi full)."),
+    runtime: Optional[Runtime] = typer.Option(None, help=RUNTIME_HELP),
 ) -> None:
     """Live digit recognition on a camera, video file or stream: overlay window, terminal panel or JSON lines."""
     from cnnedge.infer.webcam import run as run_webcam
 
     code = run_webcam(source, model=str(model) if model else None, provider=provider, roi=roi, smooth=smooth,
                       min_confidence=min_confidence, window=window, fmt=output_format, max_frames=max_frames,
-                      save=str(save) if save else None, work_size=work_size)
+                      save=str(save) if save else None, work_size=work_size, runtime=runtime)
     if code:
         raise typer.Exit(code)
 
@@ -308,6 +313,7 @@ def serve(
     max_batch: int = typer.Option(32, min=1, help="Dynamic batching: images per onnxruntime call at most (1: no batching)."),
     batch_wait_ms: float = typer.Option(2.0, min=0.0, max=10_000.0, help="Dynamic batching: how long a request waits for others to share its batch."),
     threads: Optional[int] = typer.Option(None, min=1, help="Preprocessing and onnxruntime threads per worker [default: CPU count / workers]."),
+    runtime: Optional[Runtime] = typer.Option(None, help=RUNTIME_HELP),
 ) -> None:
     """HTTP inference (no PyTorch): a JSON API with dynamic batching, /metrics, and a draw-a-digit page."""
     from cnnedge.infer.serve import ServeConfig, parse_galleries, parse_size
@@ -315,7 +321,7 @@ def serve(
     config = ServeConfig(model=str(model) if model else None, host=host, port=port, workers=workers,
                          max_body=parse_size(max_body, "--max-body"), max_batch=max_batch,
                          batch_wait_ms=batch_wait_ms, galleries=parse_galleries(gallery or []), threads=threads,
-                         predictor={"provider": provider, **({"metric": metric} if metric else {})})
+                         predictor={"provider": provider, "runtime": runtime, **({"metric": metric} if metric else {})})
     if metric and not config.galleries:
         raise CnnedgeError("--metric needs --gallery (a file from `cnnedge enroll`)")
     from cnnedge.infer.serve import run as run_serve
@@ -332,7 +338,8 @@ def bench(
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint for the PyTorch eager rows [default: models/cnn.pt when present; none without torch]."),
     batch_sizes: str = typer.Option("1,64,256", help="Comma-separated batch sizes."),
     providers: str = typer.Option("auto", help="Comma-separated cpu, cuda, tensorrt; auto: cpu, and cuda where it really loads."),
-    threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op threads and torch threads [default: CPU count]."),
+    runtimes: Optional[str] = typer.Option(None, help="Comma-separated onnxruntime, opencv (OpenCV DNN, CPU only) [default: every installed one]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op, OpenCV and torch threads [default: CPU count]."),
     warmup: int = typer.Option(10, min=0, help="Untimed calls before each measurement."),
     repeat: int = typer.Option(30, min=1, help="At least this many timed calls per row (and 3 runs of the file benchmarks)."),
     min_time: float = typer.Option(1.0, min=0.0, help="And at least this many seconds per row."),
@@ -342,11 +349,12 @@ def bench(
     data_dir: Optional[Path] = typer.Option(None, help="Dataset root with the test set [default: $CNNEDGE_DATA, else ~/.cache/cnnedge]."),
     output_format: BenchFormat = typer.Option("table", "--format", help="Output (to stdout)."),
 ) -> None:
-    """Latency, throughput, accuracy and size of PyTorch eager vs onnxruntime fp32/fp16/int8, preprocessing and end to end."""
-    from cnnedge.bench import BenchConfig, main as run_bench, parse_batch_sizes, parse_providers
+    """Latency, throughput, accuracy and size of PyTorch eager vs onnxruntime and OpenCV DNN fp32/fp16/int8, preprocessing and end to end."""
+    from cnnedge.bench import BenchConfig, main as run_bench, parse_batch_sizes, parse_providers, parse_runtimes
 
     config = BenchConfig(model=str(model) if model else None, checkpoint=str(checkpoint) if checkpoint else None,
-                         batch_sizes=parse_batch_sizes(batch_sizes), providers=parse_providers(providers), threads=threads,
+                         batch_sizes=parse_batch_sizes(batch_sizes), providers=parse_providers(providers),
+                         runtimes=parse_runtimes(runtimes) if runtimes else None, threads=threads,
                          warmup=warmup, repeat=repeat, min_time=min_time, images=images, photos=photos,
                          test_images=test_images, data_dir=str(data_dir) if data_dir else None)
     run_bench(config, output_format)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -48,6 +50,31 @@ def greek_dir() -> Path:
 @pytest.fixture(scope="session")
 def handwritten_dir() -> Path:
     return _data_path("handwritten_digits")
+
+
+class Export(NamedTuple):
+    path: Path  # the fp32 model; cnn.fp16.onnx, cnn.int8.onnx and cnn.json beside it
+    report: dict
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def fresh_export(tmp_path_factory, data_root) -> Export:
+    """models/cnn.pt exported once per session with both variants by this tree's exporter, as a user would
+    (`cnnedge export models/cnn.pt --quantize fp16 --quantize int8`, in this process). The shipped export/
+    files are only re-exported at a release, so tests of what the exporter writes use this."""
+    from cnnedge import cli
+
+    out = tmp_path_factory.mktemp("fresh-export") / "cnn.onnx"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["cnnedge", "export", str(ROOT / "models" / "cnn.pt"), "--out", str(out), "--quantize", "fp16", "--quantize", "int8"]
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        mp.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+    assert exit_.value.code in (0, None), stderr.getvalue()
+    return Export(out, json.loads(out.with_suffix(".json").read_text()), stdout.getvalue(), stderr.getvalue())
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

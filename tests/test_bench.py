@@ -1,5 +1,6 @@
 """`cnnedge bench`: the JSON rows, that each row ran the runtime it names, and ratios from measured numbers.
-Tiny repetition counts keep this fast; the figures themselves are not asserted (no timed tests)."""
+Tiny repetition counts keep this fast; the figures themselves are not asserted (no timed tests). The main
+run is on this tree's fresh export (conftest.fresh_export), which OpenCV DNN loads too."""
 
 from __future__ import annotations
 
@@ -53,10 +54,15 @@ def bench_json(*args: str, env: dict | None = None) -> tuple[dict, str]:
 
 
 @pytest.fixture(scope="module")
-def doc(data_root):
-    d, _ = bench_json("--batch-sizes", "1,8", "--providers", "cpu", "--images", "40", "--photos", "2",
-                      "--test-images", str(TEST_IMAGES))
+def doc(data_root, fresh_export):
+    d, _ = bench_json("--model", str(fresh_export.path), "--checkpoint", str(CHECKPOINT), "--batch-sizes", "1,8",
+                      "--providers", "cpu", "--images", "40", "--photos", "2", "--test-images", str(TEST_IMAGES))
     return d
+
+
+def model_files(fresh_export) -> dict:
+    return {"fp32": fresh_export.path, "fp16": fresh_export.path.with_name("cnn.fp16.onnx"),
+            "int8": fresh_export.path.with_name("cnn.int8.onnx")}
 
 
 def find(rows, runtime, precision, batch):
@@ -66,7 +72,7 @@ def find(rows, runtime, precision, batch):
 def test_json_rows_have_the_issue_schema(doc):
     rows = doc["rows"]
     assert {(r["runtime"], r["precision"], r["batch"]) for r in rows} == {
-        (rt, p, b) for rt, p in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "int8"))
+        (rt, p, b) for rt, p in (("torch", "fp32"), *((rt, p) for rt in ("onnxruntime", "opencv") for p in ("fp32", "fp16", "int8")))
         for b in (1, 8)}
     for r in rows:
         assert set(bench.ROW_KEYS) <= set(r), r
@@ -75,25 +81,34 @@ def test_json_rows_have_the_issue_schema(doc):
             assert isinstance(r[key], float) and r[key] > 0, (key, r)
         assert r["latency_ms_p99"] >= r["latency_ms_p50"] and r["calls"] >= 3
         assert r["size_bytes"] == (ROOT / r["file"]).stat().st_size
+    assert [r["runtime"] for r in rows if r["batch"] == 1] == ["torch"] + ["onnxruntime"] * 3 + ["opencv"] * 3
     assert doc["threads"]["onnxruntime_intra_op"] >= 1 and doc["threads"]["torch"] == doc["threads"]["onnxruntime_intra_op"]
     assert doc["versions"]["onnxruntime"] == ort.__version__ and doc["versions"]["torch"] == torch.__version__
     assert doc["command"].startswith("cnnedge bench --format json")
     assert doc["model"]["accuracy_on"] == f"{TEST_IMAGES:,} MNIST test images"
 
 
-def test_each_row_ran_the_runtime_it_names(doc, data_root):
+def test_each_row_ran_the_runtime_it_names(doc, data_root, fresh_export):
     """Providers read back from the sessions, sizes of the files they loaded, and accuracy recomputed here
     with each engine on the same test images."""
+    import cv2
+
+    from cnnedge.infer.opencv import OpenCVRuntime
+
     checkpoint = load_checkpoint(CHECKPOINT)
     images, labels = mnist_test(data_root, TEST_IMAGES)
     x = normalized(images, checkpoint)
-    files = {"fp32": MODEL, "fp16": MODEL.with_name("cnn.fp16.onnx"), "int8": MODEL.with_name("cnn.int8.onnx")}
-    for precision, path in files.items():
+    for precision, path in model_files(fresh_export).items():
         for batch in (1, 8):
             r = find(doc["rows"], "onnxruntime", precision, batch)
             assert r["session_providers"] == ["CPUExecutionProvider"] and r["engine"] == f"onnxruntime {ort.__version__}"
             assert r["size_bytes"] == path.stat().st_size and r["file"].endswith(path.name)
             assert r["accuracy"] == pytest.approx(onnx_accuracy(path, x, labels), abs=1e-12)
+            o = find(doc["rows"], "opencv", precision, batch)
+            assert o["session_providers"] is None and o["engine"].startswith(f"OpenCV {cv2.__version__} (")
+            assert o["size_bytes"] == path.stat().st_size and o["provider"] == "cpu"
+            cv_logits = OpenCVRuntime(path).forward(x)[0]
+            assert o["accuracy"] == pytest.approx(float((cv_logits.argmax(1) == labels).mean()), abs=1e-12)
     t = find(doc["rows"], "torch", "fp32", 1)
     assert t["session_providers"] is None and t["engine"].startswith(f"torch {torch.__version__} eager")
     assert t["size_bytes"] == CHECKPOINT.stat().st_size
@@ -107,9 +122,14 @@ def test_ratios_are_computed_from_the_measured_numbers(doc):
         assert r["images_per_second"] == pytest.approx(r["batch"] / (r["latency_ms_p50"] / 1e3), rel=1e-9)
         torch_row = find(rows, "torch", "fp32", r["batch"])
         assert r["speedup_vs_torch"] == pytest.approx(r["images_per_second"] / torch_row["images_per_second"], rel=1e-12)
-        if r["runtime"] == "onnxruntime":
-            fp32 = find(rows, "onnxruntime", "fp32", r["batch"])
+        if r["runtime"] != "torch":
+            fp32 = find(rows, r["runtime"], "fp32", r["batch"])
             assert r["speedup_vs_fp32"] == pytest.approx(r["images_per_second"] / fp32["images_per_second"], rel=1e-12)
+        if r["runtime"] == "opencv":
+            ort_row = find(rows, "onnxruntime", r["precision"], r["batch"])
+            assert r["speedup_vs_onnxruntime"] == pytest.approx(r["images_per_second"] / ort_row["images_per_second"], rel=1e-12)
+        else:
+            assert r["speedup_vs_onnxruntime"] is None
         assert r["gflops"] == pytest.approx(2 * macs * r["images_per_second"] / 1e9, rel=1e-12)
         assert r["peak_fraction"] == pytest.approx(r["gflops"] / doc["peak_gflops"]["cpu"], rel=1e-12)
     assert find(rows, "torch", "fp32", 8)["speedup_vs_torch"] == 1.0
@@ -129,11 +149,14 @@ def test_preprocessing_and_end_to_end_sections(doc):
         ("40 28x28 crops", 1), ("40 28x28 crops", doc["threads"]["preprocess_workers"]),
         ("2 640x480 photos", 1), ("2 640x480 photos", doc["threads"]["preprocess_workers"])]
     assert all(p["images_per_second"] > 0 for p in pre)
-    crops, photos = doc["predict"]
+    crops, cv_crops, photos, cv_photos = doc["predict"]
+    assert [p["runtime"] for p in doc["predict"]] == ["onnxruntime", "opencv"] * 2
     assert crops["input"] == "40 28x28 PNG files" and crops["images"] == 40 and crops["errors"] == 0
     assert crops["accuracy"] >= 0.95  # the MNIST test images, read back from PNG files in class folders
     assert photos["input"] == "2 640x480 JPEG photos" and photos["images"] == 2 and photos["provider"] == "cpu"
     assert photos["accuracy"] is not None and crops["images_per_second"] > 0
+    assert (cv_crops["input"], cv_crops["accuracy"]) == (crops["input"], crops["accuracy"])
+    assert (cv_photos["input"], cv_photos["accuracy"]) == (photos["input"], photos["accuracy"])
 
 
 def _roll_rows(array: np.ndarray, shift: int) -> np.ndarray:
@@ -175,7 +198,7 @@ def test_variant_rows_are_named_after_the_file_metadata(tmp_path):
     shutil.copy(MODEL, tmp_path / "cnn.onnx")
     shutil.copy(MODEL.with_name("cnn.fp16.onnx"), tmp_path / "cnn.int8.onnx")  # a mislabelled file
     r = run_cli("bench", "--format", "json", *QUICK, "--model", tmp_path / "cnn.onnx", "--batch-sizes", "1",
-                "--images", "0", "--photos", "0", "--test-images", "100", "--providers", "cpu",
+                "--images", "0", "--photos", "0", "--test-images", "100", "--providers", "cpu", "--runtimes", "onnxruntime",
                 env={"CNNEDGE_DATA": str(tmp_path)})  # no test set here: accuracy is null
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["rows"]
@@ -190,7 +213,8 @@ def test_runs_without_torch_and_onnx(tmp_path):
     code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
             "sys.argv = ['cnnedge', *sys.argv[1:]]; from cnnedge.cli import main; main()")
     r = subprocess.run([sys.executable, "-c", code, "bench", "--format", "json", *QUICK, "--batch-sizes", "1,4",
-                        "--images", "10", "--photos", "0", "--test-images", "100", "--providers", "cpu"],
+                        "--images", "10", "--photos", "0", "--test-images", "100", "--providers", "cpu",
+                        "--runtimes", "onnxruntime"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -200,6 +224,39 @@ def test_runs_without_torch_and_onnx(tmp_path):
     assert doc["model"]["macs_per_image"] is None and doc["versions"]["torch"] is None
     assert "torch is not installed" in r.stderr and "MACs unknown" in r.stderr
     assert doc["predict"][0]["images"] == 10
+
+
+def test_without_onnxruntime_the_opencv_rows_run_alone(fresh_export):
+    """A 32-bit ARM board: no onnxruntime (nor torch, nor onnx). OpenCV rows only, ratios to onnxruntime null,
+    the end-to-end rows on OpenCV; asking for onnxruntime there is one line naming --runtime opencv."""
+    code = ("import sys; sys.modules['onnxruntime'] = None; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
+            "sys.argv = ['cnnedge', *sys.argv[1:]]; from cnnedge.cli import main; main()")
+    args = ["bench", "--format", "json", *QUICK, "--model", str(fresh_export.path), "--batch-sizes", "1,4",
+            "--images", "10", "--photos", "0", "--test-images", "100"]
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {(x["runtime"], x["provider"]) for x in doc["rows"]} == {("opencv", "cpu")} and len(doc["rows"]) == 6
+    assert all(x["speedup_vs_onnxruntime"] is None and x["speedup_vs_fp32"] is not None for x in doc["rows"])
+    assert doc["versions"]["onnxruntime"] is None and doc["peak_gflops"]["cpu"] is None
+    assert [p["runtime"] for p in doc["predict"]] == ["opencv"]
+    assert "onnxruntime is not installed" in r.stderr
+    r = subprocess.run([sys.executable, "-c", code, *args, "--runtimes", "onnxruntime,opencv"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert_one_line_error(r, 2, "onnxruntime is not installed", "--runtime opencv")
+
+
+def test_runtimes_option_selects_the_rows(fresh_export, data_root):
+    """In this process (torch is imported already): --runtimes opencv gives the PyTorch and OpenCV rows."""
+    cfg = bench.BenchConfig(model=str(fresh_export.path), checkpoint=str(CHECKPOINT), runtimes=bench.parse_runtimes("opencv"),
+                            providers=("cpu",), batch_sizes=(1,), warmup=1, repeat=3, min_time=0, images=0, photos=0,
+                            test_images=100)
+    doc = bench.run(cfg)
+    assert [(r["runtime"], r["precision"]) for r in doc["rows"]] == [
+        ("torch", "fp32"), ("opencv", "fp32"), ("opencv", "fp16"), ("opencv", "int8")]
+    assert all(r["accuracy"] > 0.9 for r in doc["rows"])
+    with pytest.raises(CnnedgeError, match="--runtimes: unknown runtime 'tflite'"):
+        bench.parse_runtimes("opencv,tflite")
 
 
 def test_table_and_markdown_state_threads_and_summary(data_root):

@@ -67,13 +67,9 @@ def mnist_test(n: int, checkpoint: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory, data_root):
-    """The shipped checkpoint exported once with both variants, as a user would."""
-    out = tmp_path_factory.mktemp("shipped") / "cnn.onnx"
-    with pytest.MonkeyPatch.context() as mp:
-        code = export_cli(mp, SHIPPED, "--out", out, "--quantize", "fp16", "--quantize", "int8")
-    assert code == 0
-    return out, json.loads(out.with_suffix(".json").read_text())
+def shipped(fresh_export):
+    """The shipped checkpoint exported once with both variants, as a user would (conftest.fresh_export)."""
+    return fresh_export.path, fresh_export.report
 
 
 # ------------------------------------------------------------------------------------ every architecture
@@ -172,6 +168,24 @@ def test_parity_failure_exits_3_and_writes_nothing(tmp_path, monkeypatch, capsys
     assert export_cli(monkeypatch, ckpt, "--out", out_dir / "cnn.onnx") == 3
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("warning:")]
     assert len(err) == 1 and "parity failed" in err[0] and "1.00e-03" in err[0]
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_opencv_parity_failure_exits_3_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """The second runtime decides too: OpenCV's fp32 logits 1e-3 off (onnxruntime's are right) fail the export."""
+    run_opencv = ex.run_opencv
+
+    def drifted(net, x):
+        logits, embedding = run_opencv(net, x)
+        return logits + 1e-3, embedding
+
+    monkeypatch.setattr(ex, "run_opencv", drifted)
+    monkeypatch.setenv("CNNEDGE_DATA", str(tmp_path / "no-data"))
+    ckpt = make_checkpoint(tmp_path / "edgenet.pt", "edgenet")
+    out_dir = tmp_path / "export"
+    assert export_cli(monkeypatch, ckpt, "--out", out_dir / "cnn.onnx") == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert len(err) == 1 and "OpenCV DNN" in err[0] and "parity failed" in err[0] and "1.00e-03" in err[0], err
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 

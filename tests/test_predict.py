@@ -130,8 +130,8 @@ def test_json_schema(tmp_path):
     r = run_cli("predict", good, "--format", "json", "--topk", "4")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc) == {"model", "provider", "results", "summary"}
-    assert doc["model"] == "export/cnn.onnx" and doc["provider"] == "cpu"
+    assert set(doc) == {"model", "runtime", "provider", "results", "summary"}
+    assert doc["model"] == "export/cnn.onnx" and doc["runtime"] == "onnxruntime" and doc["provider"] == "cpu"
     for res in doc["results"]:
         assert {"path", "label", "confidence", "topk", "error"} <= set(res)
         assert res["error"] is None and isinstance(res["confidence"], float) and 0 < res["confidence"] <= 1

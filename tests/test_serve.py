@@ -118,7 +118,7 @@ def test_predict_answers_the_cli_result_object_with_the_model_and_timing(api, mn
         r = api.post("/v1/predict", content=data, params={"topk": 4}, headers={"Content-Type": "image/png"})
         assert r.status_code == 200 and r.headers["content-type"] == "application/json"
         doc = r.json()
-        assert set(doc) == RESULT_KEYS | {"model", "provider", "timing"}
+        assert set(doc) == RESULT_KEYS | {"model", "runtime", "provider", "timing"}
         assert doc["model"] == "export/cnn.onnx" and doc["provider"] == "cpu" and doc["error"] is None
         assert doc["box"] == {"x": 0, "y": 0, "w": 28, "h": 28}  # MNIST images pass through as they are
         probs = [t["probability"] for t in doc["topk"]]
@@ -146,7 +146,7 @@ def test_batch_route_classifies_every_sample_in_one_onnxruntime_call(api):
     r = api.post("/v1/predict/batch", files=files, params={"topk": 2, "input": 1})
     assert r.status_code == 200
     doc = r.json()
-    assert set(doc) == {"model", "provider", "results", "summary", "timing"}
+    assert set(doc) == {"model", "runtime", "provider", "results", "summary", "timing"}
     assert doc["summary"] == {"images": len(SAMPLES), "errors": 0} and doc["timing"]["batch_images"] == len(SAMPLES)
     for p, res in zip(SAMPLES, doc["results"]):
         assert res["path"] == p.name and res["label"] == p.parent.name, res

@@ -18,7 +18,7 @@ from onnx.external_data_helper import set_external_data
 
 from cnnedge.train import checkpoint as ckpt
 from cnnedge.errors import CnnedgeError
-from cnnedge.infer.runtime import MAX_MODEL_BYTES
+from cnnedge.infer.backend import MAX_MODEL_BYTES
 from conftest import MODEL, ROOT, assert_one_line_error, run_cli
 
 SHIPPED_PT = ROOT / "models" / "cnn.pt"

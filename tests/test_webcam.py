@@ -115,6 +115,22 @@ def test_every_frame_of_a_video_is_read_right_without_smoothing(clip):
     assert summary["latency_ms"]["p50"] > 0 and summary["fps"] > 0 and summary["saved"] is None
 
 
+def test_every_frame_is_read_right_in_opencv_dnn_too(clip, fresh_export):
+    """--runtime opencv (this tree's export: the shipped file predates the OpenCV-loadable graph), in this
+    process: the same label on every frame as the test above, and the summary names the runtime."""
+    from typer.testing import CliRunner
+
+    from cnnedge import cli
+
+    path, labels = clip
+    result = CliRunner().invoke(cli.app, ["webcam", "--source", str(path), "--no-window", "--format", "json",
+                                          "--smooth", "1", "--runtime", "opencv", "--model", str(fresh_export.path)])
+    assert result.exit_code == 0, result.output
+    frames, summary = json_lines(result.stdout)
+    assert [f["label"] for f in frames] == labels
+    assert summary["runtime"] == "opencv" and summary["provider"] == "cpu" and summary["frames"] == len(labels)
+
+
 def test_smoothing_lags_a_little_and_never_flickers(clip):
     path, labels = clip
     glitch = next(iter(GLITCH))

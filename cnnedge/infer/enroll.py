@@ -37,7 +37,7 @@ def _class_folders(folder: Path) -> list[Path]:
 
 
 def run(folder: str | os.PathLike, out: str | os.PathLike, model: str | None = None, provider: str = "auto",
-           batch_size: int = 256, workers: int | None = None) -> int:
+           batch_size: int = 256, workers: int | None = None, runtime: str | None = None) -> int:
     """The `cnnedge enroll` command; returns the exit code (0 all enrolled, 1 some images skipped)."""
     folder = Path(folder)
     if Path(out).is_dir():
@@ -57,7 +57,7 @@ def run(folder: str | os.PathLike, out: str | os.PathLike, model: str | None = N
     names = [d.name for d in classes]
     embeddings, labels, files = [], [], []
     skipped = np.zeros(len(names), int)
-    with Predictor(model, provider, batch_size=batch_size, workers=workers, embeddings=True) as predictor:
+    with Predictor(model, provider, batch_size=batch_size, workers=workers, embeddings=True, runtime=runtime) as predictor:
         with quiet_native_stderr():  # decoders' own multi-line complaints: we report each bad file in one line
             predictions = list(predictor.predict_iter([str(p) for p in paths]))
         for path, c, p in zip(paths, truth, predictions):

@@ -29,7 +29,7 @@ import numpy as np
 from cnnedge.errors import CnnedgeError
 from cnnedge.choices import METRICS, PREPROCESS_MODES
 from cnnedge.infer.modelinfo import EMBEDDING_NAME
-from cnnedge.infer.runtime import softmax
+from cnnedge.infer.backend import softmax
 
 # Cosine: chosen on the enrolled Greek images alone (leave-one-out 51/54 against SSD's 48-49/54 with two
 # trainings of the digits model), then confirmed on the test set (README, `cnnedge enroll`).

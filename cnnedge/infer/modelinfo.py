@@ -1,7 +1,8 @@
 """What a deployed model needs to know about itself, stored as ONNX `metadata_props` (string -> string).
 
 Export writes it; predict, webcam, enroll, serve, info and bench read it, so the .onnx file is all a device needs.
-Torch-free and onnx-free: readers get the props from `onnxruntime`'s `get_modelmeta().custom_metadata_map`.
+Torch-free and onnx-free: readers get the props from onnxruntime's `get_modelmeta().custom_metadata_map`, or
+from the file's bytes (cnnedge.infer.onnxfile) where OpenCV DNN runs the model.
 Parsing is strict: a model with missing or malformed metadata is refused with one clear reason.
 """
 

@@ -62,7 +62,8 @@ def _bar(p: float, width: int = 10) -> str:
     return "█" * full + "·" * (width - full)
 
 
-def render_table(predictions: list[Prediction], summary: Summary, model: str, provider: str, k: int) -> None:
+def render_table(predictions: list[Prediction], summary: Summary, model: str, provider: str, k: int,
+                 runtime: str = "onnxruntime") -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -70,7 +71,7 @@ def render_table(predictions: list[Prediction], summary: Summary, model: str, pr
 
     show_truth = any(p.truth is not None for p in predictions)
     metric = next((p.metric for p in predictions if p.metric), None)  # a gallery: distances, not probabilities
-    table = Table(title=f"{escape(model)} on {provider}", title_justify="left")
+    table = Table(title=f"{escape(model)} on {runtime} {provider}", title_justify="left")
     table.add_column("file", overflow="fold")
     if show_truth:
         table.add_column("true")
@@ -100,7 +101,7 @@ def render_table(predictions: list[Prediction], summary: Summary, model: str, pr
         console.print(per_class_table(sub, sub_names))
         console.print(confusion_table(sub, sub_names))
     line = (f"{summary.images} images, {summary.errors} errors, {summary.images_per_second:,.0f} images/s "
-            f"({summary.seconds:.2f} s), provider {provider}")
+            f"({summary.seconds:.2f} s), runtime {runtime}, provider {provider}")
     if summary.report:
         correct = int(round(summary.report["accuracy"] * summary.report["labelled"]))
         line += f", accuracy {100 * summary.report['accuracy']:.2f}% ({correct}/{summary.report['labelled']} in class folders)"
@@ -129,7 +130,8 @@ def render_csv(predictions: list[Prediction]) -> str:
 
 def run(inputs: list[str], model: str | None = None, provider: str = "auto", recursive: bool = False,
         batch_size: int = 256, topk: int = 3, fmt: str = "table", save_crops: str | None = None,
-        workers: int | None = None, gallery: str | None = None, metric: str | None = None) -> int:
+        workers: int | None = None, gallery: str | None = None, metric: str | None = None,
+        runtime: str | None = None) -> int:
     """The `cnnedge predict` command; returns the exit code (0 all fine, 1 some inputs failed)."""
     from cnnedge.report import err_console, warn
 
@@ -144,7 +146,7 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
         raise CnnedgeError(f"--save-crops {save_crops}: exists and is not a folder")
 
     predictor = Predictor(model, provider, batch_size=batch_size, workers=workers, topk=topk, gallery=gallery,
-                          metric=metric)
+                          metric=metric, runtime=runtime)
     predictions: list[Prediction] = []
     start = time.perf_counter()
     with predictor, quiet_native_stderr(), _progress(len(paths), err_console) as advance:
@@ -157,7 +159,7 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
     model = shown_path(predictor.model)
     if fmt == "table":
         title = model if gallery is None else f"{model} + {shown_path(gallery)}"
-        render_table(predictions, summary, title, predictor.provider, topk)
+        render_table(predictions, summary, title, predictor.provider, topk, predictor.runtime.name)
     else:
         text = render_json(predictions, summary, predictor.header()) if fmt == "json" else render_csv(predictions)
         sys.stdout.write(text if text.endswith("\n") else text + "\n")

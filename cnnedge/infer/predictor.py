@@ -1,7 +1,9 @@
-"""The Python API behind predict, enroll and serve: classify images with onnxruntime, OpenCV and numpy.
+"""The Python API behind predict, enroll and serve: classify images with onnxruntime (or OpenCV DNN), OpenCV
+and numpy.
 
     from cnnedge import Predictor
     predictor = Predictor()                     # the shipped model; or Predictor("export/my.onnx")
+    predictor = Predictor(runtime="opencv")     # OpenCV DNN runs the network: boards without onnxruntime
     for p in predictor.predict(["photo.jpg", "samples/", numpy_image, png_bytes]):
         print(p.path, p.label, p.confidence, p.error)
 
@@ -29,7 +31,8 @@ from cnnedge.infer.files import decode_image, read_image, scan_folder, shown_pat
 from cnnedge.infer.gallery import Gallery
 from cnnedge.infer.modelinfo import EMBEDDING_NAME, LOGITS_NAME, default_model
 from cnnedge.infer.preprocess import analyse_batch
-from cnnedge.infer.runtime import Runtime, softmax, topk as top_k
+from cnnedge.infer.backend import softmax, topk as top_k
+from cnnedge.infer.runtime import open_runtime
 
 CHUNK = 32  # images per thread-pool task: big enough to amortise the task overhead
 ENCODED = (bytes, bytearray, memoryview)  # an image file's contents (an upload to `cnnedge serve`)
@@ -73,17 +76,18 @@ class Prediction:
 
 
 class Predictor:
-    """Preprocessing + onnxruntime inference for a cnnedge ONNX model. Use it from one thread at a time;
-    create one per process and reuse it (the session is the expensive part).
+    """Preprocessing + inference for a cnnedge ONNX model. Use it from one thread at a time; create one per
+    process and reuse it (the session is the expensive part).
 
-    With `gallery` (a file from `cnnedge enroll`, or a Gallery) the labels are the gallery's classes, found
-    by the nearest prototype under `metric` (default: the gallery's); `embeddings=True` keeps each image's
-    embedding in `Prediction.embedding`, `inputs=True` its network input in `Prediction.input`."""
+    `runtime`: "onnxruntime" or "opencv" (OpenCV DNN, CPU only); None: onnxruntime where it is installed,
+    else OpenCV. With `gallery` (a file from `cnnedge enroll`, or a Gallery) the labels are the gallery's
+    classes, found by the nearest prototype under `metric` (default: the gallery's); `embeddings=True` keeps
+    each image's embedding in `Prediction.embedding`, `inputs=True` its network input in `Prediction.input`."""
 
     def __init__(self, model: str | os.PathLike | None = None, provider: str = "auto", batch_size: int = 256,
                  workers: int | None = None, topk: int = 3, threads: int | None = None,
                  gallery: str | os.PathLike | Gallery | None = None, metric: str | None = None,
-                 embeddings: bool = False, inputs: bool = False):
+                 embeddings: bool = False, inputs: bool = False, runtime: str | None = None):
         if batch_size < 1:
             raise CnnedgeError(f"--batch-size must be at least 1, not {batch_size}")
         if topk < 1:
@@ -93,7 +97,7 @@ class Predictor:
         if gallery is not None and not isinstance(gallery, Gallery):
             gallery = Gallery.load(gallery)  # before the model: a bad gallery fails fast
         model = default_model() if model is None else model
-        self.runtime = Runtime(model, provider, threads)
+        self.runtime = open_runtime(model, runtime, provider, threads)
         self.info = self.runtime.info
         self.model = str(model)
         self.provider = self.runtime.provider
@@ -135,8 +139,8 @@ class Predictor:
         self.close()
 
     def header(self) -> dict:
-        """What every JSON answer says about where its results come from: model, provider (and gallery)."""
-        d = {"model": shown_path(self.model), "provider": self.provider}
+        """What every JSON answer says about where its results come from: model, runtime, provider (and gallery)."""
+        d = {"model": shown_path(self.model), "runtime": self.runtime.name, "provider": self.provider}
         if self.gallery is not None:
             d.update(gallery=shown_path(self.gallery.source), metric=self.metric)
         return d

@@ -1,7 +1,14 @@
-"""onnxruntime sessions for cnnedge models (torch-free): verified provider choice, metadata, batched runs.
+"""The runtime interface of cnnedge models (torch-free), and its onnxruntime implementation.
 
-    rt = Runtime("export/cnn.onnx", provider="auto")   # CUDA when it really loads, else CPU
+    rt = open_runtime("export/cnn.onnx")                 # onnxruntime where installed, else OpenCV DNN
+    rt = Runtime("export/cnn.onnx", provider="auto")     # onnxruntime: CUDA when it really loads, else CPU
     probs = rt.probabilities(x)                          # x: float32 (N, H, W) or (N, C, H, W) in [0, 1]
+
+`cnnedge.infer.backend.BaseRuntime` is what predict, enroll, webcam, bench, info and serve use: the model
+file's checks, its metadata, normalisation, logits and embedding. Two implementations: `Runtime` here
+(onnxruntime, the default) and `cnnedge.infer.opencv.OpenCVRuntime` (OpenCV DNN, for boards without
+onnxruntime wheels such as 32-bit ARM). onnxruntime is imported only when a `Runtime` is created, so this
+module loads without it.
 
 onnxruntime falls back to CPU silently when a GPU provider cannot load (missing driver, CUDA or cuDNN
 libraries): the provider actually used is read back from `session.get_providers()`, and an explicit
@@ -12,18 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import os
 import re
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from cnnedge.choices import PROVIDERS
+from cnnedge.choices import PROVIDERS, RUNTIMES
 from cnnedge.errors import CnnedgeError
 from cnnedge.infer.files import captured_output
-from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
+from cnnedge.infer.backend import BaseRuntime
+from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME
 
 ORT_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -35,25 +42,6 @@ SHORT_NAMES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "
 # pass would move its QuantizeLinear above pool1, leaving a slow uint8 MaxPool outside onnxruntime's NCHWc
 # path: 0.8x fp32 with it, 1.8x without (benchmarks/bench_int8.py). Graphs without QDQ nodes are unaffected.
 DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
-MAX_MODEL_BYTES = 1 << 30  # larger files are refused before parsing (onnx's protobuf limit is 2 GiB)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
-def topk(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, probabilities) of the k most probable classes per row, most probable first."""
-    k = max(1, min(k, probs.shape[1]))
-    idx = np.argpartition(-probs, k - 1, axis=1)[:, :k]
-    part = np.take_along_axis(probs, idx, axis=1)
-    order = np.argsort(-part, axis=1, kind="stable")
-    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(part, order, axis=1)
-
-
 def _load_failure_reason(log: str, provider: str) -> str:
     """The useful part of onnxruntime's log about a provider that did not load."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", log)
@@ -77,14 +65,49 @@ def _gpu_driver_problem() -> str | None:
     return None
 
 
-class Runtime:
+def default_runtime() -> str:
+    """onnxruntime where it is installed, else OpenCV DNN (which the base install always has)."""
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "opencv"
+
+
+def import_onnxruntime():
+    """The onnxruntime module; a one-line error naming --runtime opencv where it cannot be imported."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        why = ("is not installed (it has no wheels for this platform, e.g. 32-bit ARM)"
+               if importlib.util.find_spec("onnxruntime") is None else f"cannot be imported ({e})")
+        raise CnnedgeError(f"onnxruntime {why}: use --runtime opencv (OpenCV DNN), "
+                           f"or runtime='opencv' in the Python API") from None
+    return onnxruntime
+
+
+def open_runtime(path: str | os.PathLike, runtime: str | None = None, provider: str = "auto",
+                 threads: int | None = None) -> "BaseRuntime":
+    """The model in `runtime` (onnxruntime or opencv; None: `default_runtime()`)."""
+    runtime = default_runtime() if runtime is None else runtime
+    if runtime not in RUNTIMES:
+        raise CnnedgeError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if provider not in PROVIDERS:
+        raise CnnedgeError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if runtime == "opencv":
+        from cnnedge.infer.opencv import OpenCVRuntime
+
+        return OpenCVRuntime(path, provider, threads)
+    return Runtime(path, provider, threads)
+
+
+class Runtime(BaseRuntime):
     """One onnxruntime session on a cnnedge ONNX model, tuned for throughput, with its metadata."""
 
+    name = "onnxruntime"
+
     def __init__(self, path: str | os.PathLike, provider: str = "auto", threads: int | None = None):
-        self.path = Path(path)
         if provider not in PROVIDERS:
             raise CnnedgeError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
-        self._check_file()
+        ort = import_onnxruntime()
+        super().__init__(path)
+        self.version = f"onnxruntime {ort.__version__}"
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # a chain of layers: no branch parallelism
@@ -94,28 +117,14 @@ class Runtime:
         self.session = self._create(options, provider)
         used = self.session.get_providers()[0]
         self.provider = SHORT_NAMES.get(used, used)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.info = ModelInfo.from_props(meta, source=str(self.path))
-        self._check_graph()
-        c = self.info.input_shape[0]
-        self._mean = np.asarray(self.info.mean, np.float32).reshape(1, c, 1, 1)
-        self._inv_std = (1.0 / np.asarray(self.info.std, np.float32)).reshape(1, c, 1, 1)
+        self._read_info(self.session.get_modelmeta().custom_metadata_map)
+        self._check_graph({i.name: (i.shape, "float16" if i.type == "tensor(float16)" else "float32")
+                           for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()})
 
     # ------------------------------------------------------------------------------- construction
 
-    def _check_file(self) -> None:
-        p = self.path
-        if not p.exists():
-            raise CnnedgeError(f"{p}: no such model file (export one with `cnnedge export`)")
-        if not p.is_file():
-            raise CnnedgeError(f"{p}: not a file")
-        size = p.stat().st_size
-        if size == 0:
-            raise CnnedgeError(f"{p}: empty model file")
-        if size > MAX_MODEL_BYTES:
-            raise CnnedgeError(f"{p}: {size:,} bytes is over the {MAX_MODEL_BYTES:,}-byte model limit")
-
     def _session(self, options, providers):
+        ort = import_onnxruntime()
         try:
             return ort.InferenceSession(str(self.path), sess_options=options, providers=providers,
                                         disabled_optimizers=DISABLED_OPTIMIZERS)
@@ -131,6 +140,7 @@ class Runtime:
             raise CnnedgeError(f"{self.path}: not a loadable ONNX model ({first[:200]})") from None
 
     def _create(self, options, provider: str):
+        ort = import_onnxruntime()
         available = ort.get_available_providers()
         if provider == "cpu":
             return self._session(options, ORT_PROVIDERS["cpu"])
@@ -154,6 +164,7 @@ class Runtime:
 
     def _try_gpu(self, options, provider: str):
         """(session, None) when `provider` really runs the model, else (None, the reason)."""
+        ort = import_onnxruntime()
         wanted = ORT_PROVIDERS[provider][0]
         with captured_output() as log:
             if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels when the system has none
@@ -164,51 +175,11 @@ class Runtime:
             return session, None
         return None, _load_failure_reason(log(), provider)
 
-    def _check_graph(self) -> None:
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        if INPUT_NAME not in inputs or LOGITS_NAME not in outputs:
-            raise CnnedgeError(f"{self.path}: expected input {INPUT_NAME!r} and output {LOGITS_NAME!r}, found "
-                               f"{', '.join(inputs)} -> {', '.join(sorted(outputs))}; export it with `cnnedge export`")
-        shape = inputs[INPUT_NAME].shape
-        if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], self.info.input_shape)):
-            raise CnnedgeError(f"{self.path}: graph input {shape} disagrees with the metadata's input_shape "
-                               f"{list(self.info.input_shape)}")
-        self.input_dtype = np.float16 if inputs[INPUT_NAME].type == "tensor(float16)" else np.float32
-
     # ------------------------------------------------------------------------------------ running
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.info.class_names
 
     @cached_property
     def output_shapes(self) -> dict[str, list]:
-        """Each graph output's shape (symbolic axes as names): `logits`, and `embedding` where exported."""
         return {o.name: list(o.shape) for o in self.session.get_outputs()}
 
-    @cached_property
-    def sha256(self) -> str:
-        """The model file's identity (what a gallery is bound to)."""
-        return file_sha256(self.path)
-
-    def normalise(self, x: np.ndarray) -> np.ndarray:
-        """[0, 1] images (N, H, W) or (N, C, H, W) -> the network's normalised input tensor."""
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 3:
-            x = x[:, None]
-        if tuple(x.shape[1:]) != tuple(self.info.input_shape):
-            raise CnnedgeError(f"input batch of shape {tuple(x.shape[1:])} does not match the model's "
-                               f"{tuple(self.info.input_shape)}")
-        return ((x - self._mean) * self._inv_std).astype(self.input_dtype, copy=False)
-
-    def run(self, x: np.ndarray, outputs: tuple[str, ...] = (LOGITS_NAME,)) -> list[np.ndarray]:
-        if len(x) == 0:
-            return [np.zeros((0, 0), np.float32) for _ in outputs]
-        return self.session.run(list(outputs), {INPUT_NAME: self.normalise(x)})
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.run(x)[0], dtype=np.float32)
-
-    def probabilities(self, x: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(x))
+    def forward(self, x: np.ndarray, outputs: tuple[str, ...] = (LOGITS_NAME,)) -> list[np.ndarray]:
+        return self.session.run(list(outputs), {INPUT_NAME: x})

@@ -34,7 +34,8 @@ from cnnedge.errors import CnnedgeError, ExitCode, ImageError
 from cnnedge.infer.files import captured_output, quiet_native_stderr
 from cnnedge.infer.modelinfo import default_model
 from cnnedge.infer.preprocess import analyse
-from cnnedge.infer.runtime import Runtime, topk as top_k
+from cnnedge.infer.backend import topk as top_k
+from cnnedge.infer.runtime import open_runtime
 
 ROI_FRACTION = 0.6  # the default ROI: a centred square, this fraction of the frame's short side
 WORK_SIZE = 128  # the ROI is analysed at most this many pixels on its long side (see bench_webcam.py)
@@ -242,10 +243,11 @@ class FrameResult:
 
 
 class FrameClassifier:
-    """ROI -> preprocessing (the model's mode, as in predict) -> onnxruntime at batch 1 -> smoothing."""
+    """ROI -> preprocessing (the model's mode, as in predict) -> the network at batch 1 -> smoothing."""
 
     def __init__(self, model: str | os.PathLike | None = None, provider: str = "cpu", smooth: int = 5,
-                 work_size: int = WORK_SIZE, min_confidence: float = 0.5, threads: int = 1):
+                 work_size: int = WORK_SIZE, min_confidence: float = 0.5, threads: int = 1,
+                 runtime: str | None = None):
         if smooth < 1:
             raise CnnedgeError(f"--smooth must be at least 1, not {smooth}")
         if work_size < 28:
@@ -255,7 +257,7 @@ class FrameClassifier:
         # One intra-op thread: at batch 1 a second thread costs more in hand-offs than it saves, and the
         # capture thread needs the other core (benchmarks/bench_webcam.py measures both).
         model = default_model() if model is None else model
-        self.runtime = Runtime(model, provider, threads=threads)
+        self.runtime = open_runtime(model, runtime, provider, threads=threads)
         self.info = self.runtime.info
         self.class_names = self.info.class_names
         self.channels, height, width = self.info.input_shape
@@ -579,7 +581,8 @@ class _StopOnSignal:
 
 def run(source: str = "0", model: str | None = None, provider: str = "cpu", roi: str | None = None,
         smooth: int = 5, min_confidence: float = 0.5, window: bool | None = None, fmt: str = "live",
-        max_frames: int | None = None, save: str | None = None, work_size: int = WORK_SIZE) -> int:
+        max_frames: int | None = None, save: str | None = None, work_size: int = WORK_SIZE,
+        runtime: str | None = None) -> int:
     """The `cnnedge webcam` command; returns the exit code (0, or 130/143 after Ctrl-C/SIGTERM)."""
     from cnnedge.report import console, err_console
 
@@ -592,7 +595,7 @@ def run(source: str = "0", model: str | None = None, provider: str = "cpu", roi:
         raise CnnedgeError("--window: no display (DISPLAY and WAYLAND_DISPLAY are unset); use --no-window")
     use_window = display_available() if window is None else window
 
-    classifier = FrameClassifier(model, provider, smooth, work_size, min_confidence)
+    classifier = FrameClassifier(model, provider, smooth, work_size, min_confidence, runtime=runtime)
     # Small images, one at a time: OpenCV's thread pool costs more than it saves here, and it would
     # compete with the capture thread for the cores (benchmarks/bench_webcam.py measures both).
     cv2.setNumThreads(1)
@@ -612,7 +615,8 @@ def run(source: str = "0", model: str | None = None, provider: str = "cpu", roi:
             if save is not None:
                 saver = VideoSaver(save, src.fps, src.size)
             if view is None and json_out is None:
-                title = f"cnnedge webcam · {src.name} · {classifier.runtime.path.name} on {classifier.runtime.provider}"
+                rt = classifier.runtime
+                title = f"cnnedge webcam · {src.name} · {rt.path.name} on {rt.name} {rt.provider}"
                 panel = Panel(console, title)
             stats, end = _loop(src, classifier, roi_spec, stop, view, panel, json_out, saver, max_frames)
         except BaseException:
@@ -628,8 +632,8 @@ def run(source: str = "0", model: str | None = None, provider: str = "cpu", roi:
             saver.commit()  # a run cut short by Ctrl-C still leaves a complete, shorter video
     if src.error or end.startswith(("end of stream", "no frame")):  # a camera unplugged, a stream gone
         err_console.print(f"warning: {src.name}: {src.error or end}", markup=False, soft_wrap=True)
-    summary = stats.summary(source=src.name, model=str(classifier.runtime.path), provider=classifier.runtime.provider, end=end,
-                            read=src.frames_read)
+    summary = stats.summary(source=src.name, model=str(classifier.runtime.path), runtime=classifier.runtime.name,
+                            provider=classifier.runtime.provider, end=end, read=src.frames_read)
     summary["saved"] = None if saver is None else {"path": str(saver.path), "frames": saver.frames,
                                                    "size": list(saver.size), "fps": round(saver.fps, 3)}
     if json_out is not None:
@@ -686,7 +690,7 @@ def _summary_line(s: dict) -> str:
             f"p99 {lat['p99']:.2f} ms")
     if s["fps"]:
         line += f"; {s['fps']:.1f} FPS"
-    line += f"; provider {s['provider']}"
+    line += f"; runtime {s['runtime']}, provider {s['provider']}"
     if s["saved"]:
         saved = s["saved"]
         line += f"\nwrote {saved['path']} ({saved['frames']} frames, {saved['size'][0]}x{saved['size'][1]})"

@@ -3,13 +3,15 @@
 `run` takes these steps, one function each, in this order (1-4 together are `verify_layers`):
 
 1. `check_layers` (cnnedge.zoo): the network against its documented layer table, in PyTorch;
-2. `export_graph`: the dynamo exporter without its fusion rewrites, so every layer keeps its value;
+2. `export_graph`: the dynamo exporter without its fusion rewrites, so every layer keeps its value, and
+   with static ops only (`static_flatten`), so that every mainstream runtime loads the graph;
 3. `name_layer_values`: each layer's output value is renamed after the layer;
 4. `check_onnx_shapes`: every layer again, by ONNX shape inference on those values;
 5. `check_parity`: onnxruntime against PyTorch, logits and embedding, on real test images (else generated);
 6. `make_variants` (`quantize_fp16`, `quantize_int8`): test accuracy of the model and of its variants;
-7. `add_metadata`: what a device needs to use the model, so the .onnx file is all it needs;
-8. `write_outputs`: models and the JSON report, atomically, only after every check has passed.
+7. `verify_second_runtime`: every model again in OpenCV DNN, each engine (docs/export.md);
+8. `add_metadata`: what a device needs to use the model, so the .onnx file is all it needs;
+9. `write_outputs`: models and the JSON report, atomically, only after every check has passed.
 
 A failed check prints the layer table (or the parity figures), writes nothing and exits with code 3.
 """
@@ -20,6 +22,7 @@ import ast
 import contextlib
 import io
 import json
+import math
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -42,12 +45,14 @@ from cnnedge.choices import QUANTIZATIONS
 from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.infer.modelinfo import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
 from cnnedge.report import console, fmt_bytes, layer_table, warn
-from cnnedge.infer.runtime import DISABLED_OPTIMIZERS
+from cnnedge.infer.runtime import DISABLED_OPTIMIZERS, SHORT_NAMES as SHORT_PROVIDERS
 from cnnedge.train.zoo import LayerCheck, check_layers, get_arch
 
 MIN_OPSET = 17
 NATIVE_OPSET = 18  # the lowest opset torch's dynamo exporter emits itself; 17 is converted from it
-TOLERANCE = 1e-4  # max |onnxruntime - torch| for logits and embedding (fp32)
+TOLERANCE = 1e-4  # max |runtime - torch| for logits and embedding (fp32), in onnxruntime and OpenCV alike
+FP32_LIMIT = f"max |diff| <= {TOLERANCE:g}, top-1 100%"
+VARIANT_LIMIT = "top-1 100%"
 MIN_REAL_IMAGES = 1_000  # fewer real test images than this: parity runs on generated inputs
 GENERATED_IMAGES = 1_000
 INT8_GOAL = 0.002  # int8 may lose at most 0.2 points of test accuracy against fp32
@@ -56,7 +61,8 @@ SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # node metadata from the exporter: th
 IDENTITY_NOTE = "no ONNX node (identity at inference): checked on its input value"
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-INT8_SETTINGS = dict(format="QDQ", activations="QUInt8", weights="QInt8", per_channel=True, calibration="MinMax")
+INT8_SETTINGS = dict(format="QDQ", activations="QUInt8", weights="QInt8", per_channel=True, calibration="MinMax",
+                     bias="float32")
 
 
 @dataclass
@@ -176,8 +182,33 @@ def export_graph(model: WithEmbedding, input_shape, opset: int) -> ir.Model:
         )
         graph = program.model
         onnxscript.optimizer.fold_constants(graph)
+        static_flatten(graph)
         onnxscript.optimizer.remove_unused_nodes(graph)
     return graph
+
+
+def static_flatten(graph: ir.Model) -> int:
+    """Each Reshape that flattens (batch, d1, ..., dk) into (batch, d1 * ... * dk) becomes one Flatten(axis=1).
+
+    The exporter writes nn.Flatten as a Reshape to a shape computed at run time (Shape -> Squeeze ->
+    Reshape -> Concat), since the batch axis is symbolic. onnxruntime folds that away, but OpenCV DNN
+    (both engines) cannot load it; a Flatten needs no shape input, keeps the batch axis dynamic and runs
+    everywhere. The node keeps its name and module-stack metadata, so layer naming sees no difference;
+    the shape computation, now unused, is removed afterwards. Returns the number of Reshapes replaced."""
+    replaced = 0
+    for node in list(graph.graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        data, out = node.inputs[0], node.outputs[0]
+        if data is None or data.shape is None or out.shape is None or len(data.shape) < 2 or len(out.shape) != 2:
+            continue
+        batch, *rest = data.shape.dims
+        if out.shape[0] != batch or not all(isinstance(d, int) for d in rest) or out.shape[1] != math.prod(rest):
+            continue
+        flatten = ir.node("Flatten", [data], {"axis": 1}, name=node.name, metadata_props=dict(node.metadata_props))
+        ir.convenience.replace_nodes_and_values(graph.graph, node, [node], [flatten], [out], flatten.outputs)
+        replaced += 1
+    return replaced
 
 
 def _layer_of(node: ir.Node) -> str | None:
@@ -316,21 +347,97 @@ def compare(reference: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.
     }
 
 
-def check_parity(model: WithEmbedding, model_bytes: bytes, images: Images) -> dict:
-    """onnxruntime against PyTorch on the same normalized images. CPU decides; CUDA, where it really
-    loads, is measured and reported too (a miss there is a warning: the model is the same, the kernels differ)."""
-    reference = run_torch(model, images.x)
+def within_limits(result: dict) -> bool:
+    """The fp32 parity rule, for every runtime: logits and embedding within TOLERANCE, every top-1 the same."""
+    return (result["max_abs_diff_logits"] <= TOLERANCE and result["max_abs_diff_embedding"] <= TOLERANCE
+            and result["top1_agreement"] == 1.0)
+
+
+def check_parity(model: WithEmbedding, model_bytes: bytes, images: Images, reference=None) -> dict:
+    """onnxruntime against PyTorch on the same normalized images (`reference`: torch's outputs on them, if
+    already computed). CPU decides; CUDA, where it really loads, is measured and reported too (a miss
+    there is a warning: the model is the same, the kernels differ)."""
+    reference = run_torch(model, images.x) if reference is None else reference
     sessions = {CPU: session(model_bytes)}
     if (gpu := cuda_session(model_bytes)) is not None:
         sessions[CUDA] = gpu
     report = {"inputs": images.source, "images": len(images.x), "tolerance": TOLERANCE, "providers": {}}
     for provider, s in sessions.items():
         result = compare(reference, run_onnx(s, images.x))
-        result["passed"] = (result["max_abs_diff_logits"] <= TOLERANCE and result["max_abs_diff_embedding"] <= TOLERANCE
-                            and result["top1_agreement"] == 1.0)
+        result["passed"] = within_limits(result)
         report["providers"][provider] = result
     report["passed"] = report["providers"][CPU]["passed"]
     return report
+
+
+# --------------------------------------------------------------------------------- a second runtime
+
+
+def run_opencv(net, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from cnnedge.infer.opencv import forward
+
+    outs = [forward(net, x[i: i + BATCH], [LOGITS_NAME, EMBEDDING_NAME]) for i in range(0, len(x), BATCH)]
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+
+def check_opencv(models: dict[str, onnx.ModelProto], input_shape, images: Images, references: dict) -> list[dict]:
+    """Step 7: every model again in each engine of OpenCV DNN, an implementation of every operator
+    independent of onnxruntime's. fp32 must meet the parity rule against PyTorch (`within_limits`); an fp16
+    or int8 model must give every top-1 that onnxruntime gives on the same file (it rounds differently
+    from fp32, so the fp32 tolerance does not apply; its differences are reported). A model that an engine
+    cannot load or run gets a row saying why. `references`: precision -> (logits, embedding) on `images`."""
+    import cv2
+
+    from cnnedge.infer.opencv import engines, load
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cnnedge-opencv-") as tmp:
+        for precision, proto in models.items():
+            path = Path(tmp) / f"{precision}.onnx"
+            path.write_bytes(proto.SerializeToString())  # OpenCV chooses the engine only for a file
+            for engine in engines():
+                row = {"runtime": "opencv", "version": cv2.__version__, "engine": engine, "precision": precision,
+                       "reference": "torch" if precision == "fp32" else f"onnxruntime {precision}",
+                       "limit": FP32_LIMIT if precision == "fp32" else VARIANT_LIMIT,
+                       "inputs": images.source, "images": len(images.x)}
+                try:
+                    net = load(path, engine, tuple(input_shape), [LOGITS_NAME, EMBEDDING_NAME])
+                except CnnedgeError as e:
+                    rows.append({**row, "loaded": False, "error": str(e), "passed": False})
+                    continue
+                result = compare(references[precision], run_opencv(net, images.x))
+                passed = within_limits(result) if precision == "fp32" else result["top1_agreement"] == 1.0
+                rows.append({**row, "loaded": True, **result, "passed": passed})
+    return rows
+
+
+def onnxruntime_rows(parity: dict, variants: list[Variant]) -> list[dict]:
+    """The onnxruntime checks in the form of check_opencv's rows: fp32 against PyTorch (per provider), and
+    each variant against the fp32 model (measured, no limit: that is its test accuracy's job)."""
+    common = {"runtime": "onnxruntime", "version": ort.__version__, "loaded": True}
+    rows = [{**common, "engine": provider, "precision": "fp32", "reference": "torch", "limit": FP32_LIMIT,
+             "inputs": parity["inputs"], "images": parity["images"], **r} for provider, r in parity["providers"].items()]
+    return rows + [{**common, "engine": CPU, "precision": v.precision, "reference": "onnxruntime fp32", "limit": None,
+                    **v.report["vs_fp32"], "passed": None} for v in variants]
+
+
+def verify_second_runtime(proto: onnx.ModelProto, variants: list[Variant], input_shape, probe: Images,
+                          reference) -> list[dict]:
+    """Step 7 in `run`: OpenCV's rows; a wrong fp32 model raises (exit 3), anything else that fails warns."""
+    references = {"fp32": reference, **{v.precision: run_onnx(session(v.proto), probe.x) for v in variants}}
+    rows = check_opencv({"fp32": proto, **{v.precision: v.proto for v in variants}}, input_shape, probe, references)
+    for r in rows:
+        what = f"OpenCV DNN {r['version']} ({r['engine']} engine)"
+        if not r["loaded"]:
+            warn(f"{what} cannot run the {r['precision']} model: {r['error']}")
+        elif r["precision"] == "fp32" and not r["passed"]:
+            raise CnnedgeError(f"{what} parity failed: max |diff| logits {r['max_abs_diff_logits']:.2e}, embedding "
+                               f"{r['max_abs_diff_embedding']:.2e} (limit {TOLERANCE:.0e}), top-1 agreement "
+                               f"{100 * r['top1_agreement']:.2f}% on {r['inputs']}; nothing written", ExitCode.CHECK_FAILED)
+        elif not r["passed"]:
+            warn(f"{what} {r['precision']}: top-1 agreement with onnxruntime {100 * r['top1_agreement']:.2f}% "
+                 f"on {r['images']:,} images (max |diff| logits {r['max_abs_diff_logits']:.2e})")
+    return rows
 
 
 def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -369,7 +476,10 @@ def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.Model
     both Gemms in fp32 between Dequantize/Quantize, slower than fp32). The first block (first Conv up to its
     MaxPool) stays fp32: a Conv with one input channel makes a poor integer GEMM and took half the int8
     model's time; in fp32 it fuses with its ReLU and pool in onnxruntime's NCHWc layout. Run the model with
-    runtime.DISABLED_OPTIMIZERS (cnnedge's Runtime does): 1.8x fp32 instead of 1.3x (bench_int8.py)."""
+    runtime.DISABLED_OPTIMIZERS (cnnedge's Runtime does): 1.8x fp32 instead of 1.3x (bench_int8.py).
+    Biases stay float32 (QuantizeBias off): OpenCV's new DNN engine cannot load a quantized Gemm whose bias
+    comes out of a DequantizeLinear (net_impl2.cpp:449, bufidx >= 0), and onnxruntime builds the same
+    QLinearConv and QGemm kernels from a float bias, at the same speed and accuracy."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     with tempfile.TemporaryDirectory(prefix="cnnedge-int8-") as tmp, warnings.catch_warnings():
@@ -380,7 +490,8 @@ def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.Model
             quant_pre_process(fp32, pre, skip_symbolic_shape=True)  # ONNX shape inference, Conv+BN folding
             quantize_static(pre, out, _Calibration(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=first_block(onnx.load(pre)))
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=first_block(onnx.load(pre)),
+                            extra_options={"QuantizeBias": False})
         return onnx.load(out)
 
 
@@ -451,6 +562,23 @@ def print_parity(parity: dict) -> None:
                       f"max |diff| logits {r['max_abs_diff_logits']:.2e}, embedding {r['max_abs_diff_embedding']:.2e} "
                       f"(limit {parity['tolerance']:.0e}), top-1 agreement {100 * r['top1_agreement']:.2f}% {verdict}",
                       soft_wrap=True)
+
+
+def runtimes_table(rows: list[dict]) -> Table:
+    table = Table(title="runtimes verified", title_justify="left")
+    for col in ("runtime", "engine", "precision", "against", "images", "max |diff| logits", "embedding", "top-1 agreement", ""):
+        table.add_column(col, justify="left" if col in ("runtime", "engine", "precision", "against", "") else "right")
+    for r in rows:
+        engine = SHORT_PROVIDERS.get(r["engine"], r["engine"])
+        if not r["loaded"]:
+            table.add_row(f"{r['runtime']} {r['version']}", engine, r["precision"], r["reference"], "", "", "", "",
+                          "[yellow]cannot run it[/]")
+            continue
+        verdict = "measured" if r["passed"] is None else "[green]ok[/]" if r["passed"] else "[red]FAILED[/]"
+        table.add_row(f"{r['runtime']} {r['version']}", engine, r["precision"], r["reference"], f"{r['images']:,}",
+                      f"{r['max_abs_diff_logits']:.2e}", f"{r['max_abs_diff_embedding']:.2e}",
+                      f"{100 * r['top1_agreement']:.2f}%", verdict)
+    return table
 
 
 def variants_table(rows: list[tuple[str, Path, int, float | None, dict]], fp32_accuracy: float | None) -> Table:
@@ -534,7 +662,8 @@ def run(config: ExportConfig) -> dict:
     probe = parity_inputs(test, tuple(checkpoint["input_shape"]), config.parity_images)
     if probe.y is None:
         warn(f"parity on generated inputs: {no_test or 'fewer than 1,000 test images'}")
-    parity = check_parity(model, model_bytes, probe)
+    reference = run_torch(model, probe.x)
+    parity = check_parity(model, model_bytes, probe, reference)
     print_parity(parity)
     cpu = parity["providers"][CPU]
     if not parity["passed"]:
@@ -550,7 +679,12 @@ def run(config: ExportConfig) -> dict:
     fp32_accuracy = top1_accuracy(fp32_outputs[0], test.y) if test is not None else None
     variants = make_variants(proto, quantize, paths, train, evaluation, fp32_outputs, fp32_accuracy)
 
-    # 7-8: metadata and files
+    # 7: a second runtime
+    runtimes = onnxruntime_rows(parity, variants) + verify_second_runtime(
+        proto, variants, tuple(checkpoint["input_shape"]), probe, reference)
+    console.print(runtimes_table(runtimes))
+
+    # 8-9: metadata and files
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     own = (checkpoint.get("metrics") or {}).get("test_accuracy")  # the checkpoint's figure, from training
     models = {"fp32": (paths["fp32"], add_metadata(proto, checkpoint, "fp32", own if test is None else fp32_accuracy, sha256, date))}
@@ -565,6 +699,8 @@ def run(config: ExportConfig) -> dict:
             "fp32": fp32_accuracy, **{v.precision: v.test_accuracy for v in variants},
         },
         "providers_tested": list(parity["providers"]),
+        "runtimes": runtimes,
+        "runtimes_verified": sorted({f"{r['runtime']} {r['version']}" for r in runtimes if r["passed"]}),
         "variants": {v.precision: v.report for v in variants},
         "cnnedge_version": __version__, "export_date": date,
     }
