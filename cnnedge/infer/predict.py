@@ -131,7 +131,7 @@ def render_csv(predictions: list[Prediction]) -> str:
 def run(inputs: list[str], model: str | None = None, provider: str = "auto", recursive: bool = False,
         batch_size: int = 256, topk: int = 3, fmt: str = "table", save_crops: str | None = None,
         workers: int | None = None, gallery: str | None = None, metric: str | None = None,
-        runtime: str | None = None) -> int:
+        runtime: str | None = None, threads: int | None = None) -> int:
     """The `cnnedge predict` command; returns the exit code (0 all fine, 1 some inputs failed)."""
     from cnnedge.report import err_console, warn
 
@@ -146,7 +146,7 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
         raise CnnedgeError(f"--save-crops {save_crops}: exists and is not a folder")
 
     predictor = Predictor(model, provider, batch_size=batch_size, workers=workers, topk=topk, gallery=gallery,
-                          metric=metric, runtime=runtime)
+                          metric=metric, runtime=runtime, threads=threads)
     predictions: list[Prediction] = []
     start = time.perf_counter()
     with predictor, quiet_native_stderr(), _progress(len(paths), err_console) as advance:

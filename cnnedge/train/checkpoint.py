@@ -1,7 +1,8 @@
 """cnnedge checkpoints: a plain dict of tensors and primitives, saved atomically, loaded with weights_only.
 
 A .pt file can be an attack (pickle runs code), so loading never unpickles arbitrary objects:
-`torch.load(weights_only=True)` refuses anything but tensors and builtin containers.
+`torch.load(weights_only=True)` refuses anything but tensors and builtin containers. The file checks that
+come first need no torch (`check_checkpoint_file`), so a command refuses a wrong path before torch loads.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import os
 import re
 import zipfile
 from pathlib import Path
-
-import torch
-from torch import nn
 
 from cnnedge.atomic import atomic_write
 from cnnedge.errors import CnnedgeError
@@ -26,6 +24,8 @@ REQUIRED_KEYS = ("arch", "num_classes", "class_names", "input_shape", "mean", "s
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+    import torch
+
     # Serialise to memory first so a failing torch.save never touches the destination.
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, buffer)
@@ -43,8 +43,9 @@ def _unpacked_size(path: Path) -> int:
         return path.stat().st_size
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load and validate a cnnedge checkpoint; anything else is a CnnedgeError (exit code 2)."""
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """What can be said of a checkpoint file before reading it (torch-free): it exists, and neither it nor
+    what it unpacks to is over the size limit."""
     path = Path(path)
     if not path.is_file():
         raise CnnedgeError(f"{path}: no such checkpoint file")
@@ -55,6 +56,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if unpacked > MAX_CHECKPOINT_BYTES:
         raise CnnedgeError(f"{path}: refused: it unpacks to {unpacked:,} bytes, over the "
                            f"{MAX_CHECKPOINT_BYTES:,}-byte checkpoint limit")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load and validate a cnnedge checkpoint; anything else is a CnnedgeError (exit code 2)."""
+    import torch
+
+    path = check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusals, truncated zips and plain garbage all land here

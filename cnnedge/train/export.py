@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -41,15 +42,15 @@ from torch import nn
 from cnnedge import __version__
 from cnnedge.atomic import write_bytes, write_text
 from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
-from cnnedge.choices import QUANTIZATIONS
 from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.infer.modelinfo import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
 from cnnedge.report import console, fmt_bytes, layer_table, warn
+from cnnedge.threads import thread_count
 from cnnedge.infer.runtime import DISABLED_OPTIMIZERS, SHORT_NAMES as SHORT_PROVIDERS
+from cnnedge.train.options import NATIVE_OPSET, ExportConfig, check_export
 from cnnedge.train.zoo import LayerCheck, check_layers, get_arch
 
 MIN_OPSET = 17
-NATIVE_OPSET = 18  # the lowest opset torch's dynamo exporter emits itself; 17 is converted from it
 TOLERANCE = 1e-4  # max |runtime - torch| for logits and embedding (fp32), in onnxruntime and OpenCV alike
 FP32_LIMIT = f"max |diff| <= {TOLERANCE:g}, top-1 100%"
 VARIANT_LIMIT = "top-1 100%"
@@ -63,18 +64,6 @@ IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Drop
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 INT8_SETTINGS = dict(format="QDQ", activations="QUInt8", weights="QInt8", per_channel=True, calibration="MinMax",
                      bias="float32")
-
-
-@dataclass
-class ExportConfig:
-    checkpoint: str
-    out: str | None = None  # default: export/<checkpoint stem>.onnx
-    opset: int = NATIVE_OPSET
-    quantize: tuple[str, ...] = ()  # any of fp16, int8; the fp32 model is always written
-    calibration_images: int = 1_000
-    force: bool = False
-    data_dir: str | None = None
-    parity_images: int | None = None  # real test images used for parity; None: the whole test set
 
 
 @dataclass
@@ -96,20 +85,6 @@ class Variant:
 
 
 # ----------------------------------------------------------------------------- outputs and inputs
-
-
-def output_paths(config: ExportConfig, quantize: list[str]) -> dict[str, Path]:
-    """fp32 model, each variant beside it (cnn.onnx -> cnn.int8.onnx), and the JSON report."""
-    out = Path(config.out) if config.out else Path("export") / f"{Path(config.checkpoint).stem}.onnx"
-    if out.suffix != ".onnx":
-        raise CnnedgeError(f"--out {out}: the model file must end in .onnx")
-    paths = {"fp32": out, **{q: out.with_name(f"{out.stem}.{q}.onnx") for q in quantize}, "report": out.with_suffix(".json")}
-    for path in paths.values():
-        if path.is_dir():
-            raise CnnedgeError(f"{path} is a directory")
-        if path.exists() and not config.force:
-            raise CnnedgeError(f"{path} already exists; pass --force to overwrite it")
-    return paths
 
 
 def load_images(checkpoint: dict, config: ExportConfig, need_train: bool) -> tuple[Images | None, Images | None, str]:
@@ -303,6 +278,7 @@ def session(model: bytes | onnx.ModelProto, provider: str = CPU) -> ort.Inferenc
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = torch.get_num_threads()  # run() sets one count for torch and onnxruntime
     disabled = dict(disabled_optimizers=DISABLED_OPTIMIZERS)  # as cnnedge's Runtime will run it
     if provider == CUDA:  # full fp32 on the GPU: TF32 would not meet the fp32 tolerance
         return ort.InferenceSession(data, options, providers=[(CUDA, {"use_tf32": 0}), CPU], **disabled)
@@ -386,8 +362,6 @@ def check_opencv(models: dict[str, onnx.ModelProto], input_shape, images: Images
     or int8 model must give every top-1 that onnxruntime gives on the same file (it rounds differently
     from fp32, so the fp32 tolerance does not apply; its differences are reported). A model that an engine
     cannot load or run gets a row saying why. `references`: precision -> (logits, embedding) on `images`."""
-    import cv2
-
     from cnnedge.infer.opencv import engines, load
 
     rows = []
@@ -639,17 +613,14 @@ def make_variants(proto: onnx.ModelProto, quantize: list[str], paths: dict[str, 
 
 def run(config: ExportConfig) -> dict:
     """Export, verify and write; returns the report written to <out stem>.json."""
-    quantize = [q for q in dict.fromkeys(config.quantize) if q != "none"]
-    for q in quantize:
-        if q not in QUANTIZATIONS:
-            raise CnnedgeError(f"unknown --quantize {q!r}; choose from: {', '.join(QUANTIZATIONS)}")
+    quantize, paths = check_export(config)
     if not MIN_OPSET <= config.opset <= onnx.defs.onnx_opset_version():
         raise CnnedgeError(f"--opset {config.opset}: choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()}")
-    if config.calibration_images < 1:
-        raise CnnedgeError("--calibration-images must be at least 1")
     checkpoint = load_checkpoint(config.checkpoint)
     sha256 = file_sha256(config.checkpoint)
-    paths = output_paths(config, quantize)
+    threads = thread_count(config.threads)
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
     test, train, no_test = load_images(checkpoint, config, need_train="int8" in quantize)
 
     # 1-4: the documented table, in torch and in the graph

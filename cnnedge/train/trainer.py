@@ -28,10 +28,12 @@ from cnnedge import __version__
 from cnnedge.atomic import write_text
 from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cnnedge.train.data import Data, augment_batch, load_data, normalization, split_validation
-from cnnedge.choices import DEVICES, LOSSES, OPTIMIZERS, SCHEDULES
+from cnnedge.train.options import check_hparams, check_train
+from cnnedge.choices import DEVICES
 from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.metrics import classification_report, confusion_matrix
 from cnnedge.report import confusion_table, console, per_class_table
+from cnnedge.threads import thread_count
 from cnnedge.train.zoo import DEFAULT_ARCH, get_arch
 
 # Used where neither the command line nor the architecture's recipe says otherwise.
@@ -65,6 +67,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     plots: bool = True
     hparams: dict = field(default_factory=dict)  # only what the user set; the rest comes from the recipe
+    threads: int | None = None  # torch's CPU threads; None: the cores other processes leave free, at each epoch
 
 
 class Interrupted(Exception):
@@ -122,11 +125,7 @@ def pick_device(name: str) -> torch.device:
 def resolve_hparams(arch: str, given: dict, fine_tune: bool = False) -> dict:
     recipe = FINETUNE_HPARAMS if fine_tune else get_arch(arch).recipe
     hp = {**DEFAULT_HPARAMS, **recipe, **{k: v for k, v in given.items() if v is not None}}
-    for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES)):
-        if hp[key] not in choices:
-            raise CnnedgeError(f"unknown {key} {hp[key]!r}; choose one of: {', '.join(choices)}")
-    if hp["epochs"] < 1 or hp["batch_size"] < 1 or not hp["lr"] > 0:
-        raise CnnedgeError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    check_hparams(hp)
     return hp
 
 
@@ -288,24 +287,25 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
     out = Path(config.out)
     command = command or shlex.join(["cnnedge", *sys.argv[1:]])
     say = console.print if dist.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
+    check_train(config.arch, config.dataset, config.data_dir, config.download, config.out, config.resume,
+                config.from_checkpoint, config.freeze_backbone)
     resumed = None
     if config.resume:
-        if not out.is_file():
-            raise CnnedgeError(f"--resume: {out} does not exist; train without --resume first")
         resumed = load_checkpoint(out)
         if "config" not in resumed:
             raise CnnedgeError(f"--resume: {out} carries no training state")
-        config = TrainConfig(**{**resumed["config"], "out": str(out), "device": config.device, "resume": True})
+        config = TrainConfig(**{**resumed["config"], "out": str(out), "device": config.device, "resume": True,
+                                "threads": config.threads or resumed["config"].get("threads")})
         command = resumed.get("command", command)
 
-    if config.freeze_backbone and not config.from_checkpoint:
-        raise CnnedgeError("--freeze-backbone needs --from: there is no pretrained backbone to freeze")
     base = None
     if config.from_checkpoint:
         base = load_checkpoint(config.from_checkpoint)
         config.arch = base["arch"]
     hp = resolve_hparams(config.arch, config.hparams, fine_tune=base is not None) if resumed is None else resumed["hparams"]
+    started = time.perf_counter()
     data = load_data(config.dataset, config.data_dir, config.download)
+    seconds = {"data": time.perf_counter() - started}  # where the run's time goes (metrics JSON)
     if config.limit:
         data.x_train, data.y_train = data.x_train[: config.limit], data.y_train[: config.limit]
     if config.val_fraction is None:
@@ -371,6 +371,10 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
     if resumed is not None:
         say(f"resuming {out}: {resumed['epoch']} of {hp['epochs']} epochs done")
 
+    # Results depend on the thread count (parallel sums round differently): the same seed and --threads give the
+    # same metrics. Without --threads the count follows the free cores, checked again at every epoch.
+    threads = thread_count(config.threads)
+    torch.set_num_threads(threads)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_val, y_val = x_train[val_idx.to(device)], y_train[val_idx.to(device)]
     run_info = {
@@ -390,16 +394,21 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
         say(f"fine-tuning {config.from_checkpoint} (trained on {base.get('dataset', '?')}): new {num_classes}-class "
             f"head{head}, backbone {backbone}, BatchNorm statistics kept")
     say(f"training {config.arch} on {data.name} ({len(train_idx):,} train / {len(val_idx):,} val"
-        f"{'' if data.x_test is None else f' / {len(data.x_test):,} test'}) on {device}{processes}: "
+        f"{'' if data.x_test is None else f' / {len(data.x_test):,} test'}) on {device}{processes}"
+        f" ({threads} CPU thread{'s' if threads > 1 else ''}): "
         f"{hp['optimizer']} lr {hp['lr']} {hp['schedule']}, batch {hp['batch_size']}, {hp['epochs']} epochs, "
         f"{hp['loss']}{', augment' if hp['augment'] else ''}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     saved = start_epoch - 1  # the last epoch whose checkpoint is on disk
+    seconds["setup"] = time.perf_counter() - started - seconds["data"]
     try:
         with interruptible() as hold:
             for epoch in range(start_epoch, hp["epochs"] + 1):
                 torch.manual_seed((config.seed * 100_003 + epoch) * 64 + dist.rank)  # augmentation, dropout
+                if config.threads is None and (now := thread_count()) != threads:
+                    threads = now  # another process took cores, or gave them back
+                    torch.set_num_threads(threads)
                 sampler.set_epoch(epoch)
                 order = train_idx[torch.tensor(list(sampler))].to(device)
                 t0 = time.perf_counter()
@@ -416,7 +425,7 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
                         val_acc = float((preds == y_val.cpu().numpy()).mean())
                     h = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
                          "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
-                         "seconds": time.perf_counter() - t0}
+                         "seconds": time.perf_counter() - t0, "threads": threads}
                     history.append(h)
                     say(_history_line(h, hp["epochs"]))
                     with hold():
@@ -433,16 +442,20 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
 
     if not dist.main:
         return None
-    return finish(model, data, run_info, history, mean_t, std_t, hp, device, out, val_idx, config.plots)
+    seconds["epochs"] = sum(h["seconds"] for h in history[start_epoch - 1:])
+    return finish(model, data, run_info, history, mean_t, std_t, hp, device, out, val_idx, config.plots, seconds)
 
 
-def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out: Path, val_idx, plots: bool) -> dict:
+def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out: Path, val_idx, plots: bool,
+           seconds: dict | None = None) -> dict:
     """Final report on the test set (validation when there is none); complete checkpoint, metrics, plots."""
     if data.x_test is not None:
         split, x, y = "test", data.x_test, data.y_test
     else:
         split, x, y = "validation", data.x_train[val_idx], data.y_train[val_idx]
+    t0 = time.perf_counter()
     loss, preds = evaluate(model, x.to(device), y.to(device), mean_t, std_t, hp, device)
+    seconds = {**(seconds or {}), "test": time.perf_counter() - t0}
     cm = confusion_matrix(y.numpy(), preds, len(data.class_names))
     report = classification_report(cm, data.class_names)
     train_seconds = sum(h["seconds"] for h in history)
@@ -452,18 +465,22 @@ def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out:
         f"{split}_accuracy": report["accuracy"], "train_seconds": train_seconds, "history": history,
         **{k: v for k, v in report.items() if k != "accuracy"},
         "cnnedge_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": seconds,  # where the time went: data loading, set-up, epochs (with validation), test, plots
     }
     summary = {k: metrics[k] for k in (f"{split}_accuracy", f"{split}_loss", "train_seconds")}
     save_checkpoint(out, {**run_info, "epoch": run_info["epochs"], "complete": True, "history": history,
                           "metrics": summary, "state_dict": model.state_dict()})
-    metrics_path = out.with_name(out.stem + ".metrics.json")
-    write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    written = [out, metrics_path]
+    written = [out]
     if plots:
         from cnnedge.train.plots import plot_confusion, plot_curves
 
+        t0 = time.perf_counter()
         written += [plot_curves(history, out.with_name(out.stem + ".curves.png")),
                     plot_confusion(cm, data.class_names, out.with_name(out.stem + ".confusion.png"))]
+        seconds["plots"] = time.perf_counter() - t0
+    metrics_path = out.with_name(out.stem + ".metrics.json")
+    write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    written.append(metrics_path)
     console.print(per_class_table(cm, data.class_names, title=f"{split} accuracy per class"))
     console.print(confusion_table(cm, data.class_names))
     console.print(f"{split} accuracy {100 * report['accuracy']:.2f}% (loss {loss:.4f}) after {train_seconds:.1f} s of training")
