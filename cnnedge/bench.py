@@ -304,22 +304,22 @@ def make_engines(cfg: BenchConfig, threads: int, notes: list[str]) -> list[Engin
                 group += runtime_engines(runtime, provider, variants, threads, notes)
             except CnnedgeError as e:
                 errors[runtime] = e
+        if not group and provider == "cpu" and errors:  # the model itself is unusable
+            raise next(iter(errors.values()))
+        if checkpoint is not None and (group or not auto):  # PyTorch's rows even where onnxruntime has no such provider
+            try:
+                group.insert(0, torch_engine(checkpoint, provider, threads))
+            except CnnedgeError as e:
+                errors["PyTorch"] = e
         if not group:
-            if provider == "cpu" and errors:  # the model itself is unusable
-                raise next(iter(errors.values()))
             why = next(iter(errors.values()), "OpenCV DNN runs on the CPU only")
             if errors or not auto:
                 failed.append(f"{provider}: {why}")
             continue
         notes += [f"no {runtime} {provider} rows: {e}" for runtime, e in errors.items()]
-        if checkpoint is not None:
-            try:
-                group.insert(0, torch_engine(checkpoint, provider, threads))
-            except CnnedgeError as e:
-                notes.append(f"no PyTorch {provider} rows: {e}")
         engines += group
-    if not engines:
-        raise CnnedgeError("no requested provider can run the model: " + "; ".join(failed))
+    if not any(e.info is not None for e in engines):  # PyTorch rows alone: nothing to compare them with
+        raise CnnedgeError("no requested provider can run the model in onnxruntime or OpenCV: " + "; ".join(failed))
     notes += [f"no rows for provider {f}" for f in failed]
     info = next(e.info for e in engines if e.info is not None)
     if checkpoint is not None and info.checkpoint_sha256 and info.checkpoint_sha256 != file_sha256(checkpoint):

@@ -24,7 +24,10 @@ app = typer.Typer(
     rich_markup_mode=None,  # help texts say "[default: ...]", which rich markup would swallow
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-TRAIN_MODULES = ("torch", "torchvision", "onnx", "onnxscript", "matplotlib")  # the cnnedge[train] extra
+# What each command imports from the cnnedge[train] extra (torch, torchvision, onnx, onnxscript, matplotlib):
+# a machine with torch alone (a GPU box's own python3) trains MNIST, which is read without torchvision.
+TRAIN_MODULES = {"train": ("torch",), "summary": ("torch",), "inspect": ("torch",),
+                 "export": ("torch", "onnx", "onnxscript")}
 SHIPPED_MODEL = "[default: the shipped model, cnnedge/infer/model/cnn.onnx in a wheel, export/cnn.onnx in the repo]"
 THREADS_HELP = ("CPU threads (torch and onnxruntime) [default: the cores other processes leave free, or "
                 "OMP_NUM_THREADS when set].")
@@ -77,9 +80,9 @@ def _broken_pipe() -> None:
     sys.exit(ExitCode.BROKEN_PIPE)
 
 
-def needs_torch(command: str) -> None:
+def needs_torch(command: str, *also: str) -> None:
     """Commands that train or export need the cnnedge[train] extra; say so in one line before importing it."""
-    missing = [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
+    missing = [m for m in (*TRAIN_MODULES[command], *also) if importlib.util.find_spec(m) is None]
     if missing:
         raise CnnedgeError(f"`cnnedge {command}` needs {', '.join(missing)}, which this install lacks: "
                            f'pip install "cnnedge[train]"')
@@ -143,7 +146,8 @@ def train(
     check_hparams(hparams)
     check_train(arch, dataset, str(data_dir) if data_dir else None, download, str(out), resume,
                 str(from_checkpoint) if from_checkpoint else None, freeze_backbone)
-    needs_torch("train")
+    torchvision = download or not (dataset == "mnist" or dataset.startswith("imagefolder:"))  # MNIST: numpy reads it
+    needs_torch("train", *(["matplotlib"] if plots else []), *(["torchvision"] if torchvision else []))
     from cnnedge.train.trainer import TrainConfig, run
 
     run(TrainConfig(arch=arch, dataset=dataset, data_dir=str(data_dir) if data_dir else None, out=str(out),
