@@ -68,16 +68,16 @@ def train_process(folder: Path, busy: int, limit: float, extra: list[str]) -> di
     return {"busy_processes": busy, "wall_s": wall, "test_accuracy": m["test_accuracy"],
             "threads": [h.get("threads") for h in m["history"]], "seconds": seconds,
             "start_up_and_rest_s": wall - sum(seconds.values()),
-            # free_cores() counts the spinners as other processes; what the others besides them left free:
-            "free_cores_besides_spinners": min(threads.usable_cores(), free + busy)}
+            "free_cores": free}  # what other processes (the spinners among them) left free during the run
 
 
 def show_process(row: dict) -> str:
     s = row["seconds"]
     phases = ", ".join(f"{k} {v:.2f}" for k, v in s.items())
-    return (f"  {'busy' if row['busy_processes'] else 'quiet'}: {row['wall_s']:6.1f} s wall, test {100 * row['test_accuracy']:.2f}%,"
+    load = f"{row['busy_processes']} spinning" if row["busy_processes"] else "no added load"
+    return (f"  {load}: {row['wall_s']:6.1f} s wall, test {100 * row['test_accuracy']:.2f}%,"
             f" threads {row['threads']}; {phases}, start-up and the rest {row['start_up_and_rest_s']:.2f} s;"
-            f" cores left free by others (spinners aside) {row['free_cores_besides_spinners']:.2f}")
+            f" cores other processes left free {row['free_cores']:.2f}")
 
 
 def process_benchmark(args) -> list[dict]:
@@ -88,11 +88,12 @@ def process_benchmark(args) -> list[dict]:
                 rows.append(train_process(Path(tmp), busy, args.busy_limit, args.train_args))
                 print(f"run {i + 1}:{show_process(rows[-1])[1:]}", flush=True)
     quiet = [r["wall_s"] for r in rows if not r["busy_processes"]]
-    print(f"\ncnnedge train {' '.join(args.train_args)}: median of {len(quiet)} quiet runs {statistics.median(quiet):.1f} s wall")
+    print(f"\ncnnedge train {' '.join(args.train_args)}: median of {len(quiet)} runs without added load "
+          f"{statistics.median(quiet):.1f} s wall")
     if args.busy:
         busy = [r["wall_s"] for r in rows if r["busy_processes"]]
         ratios = [b / q for q, b in zip(quiet, busy)]
-        print(f"with {args.busy} spinning processes: median {statistics.median(busy):.1f} s wall, busy/quiet "
+        print(f"with {args.busy} spinning processes: median {statistics.median(busy):.1f} s wall, busy/unloaded "
               f"{', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f}x; goal <= 2.5x)")
     return rows
 

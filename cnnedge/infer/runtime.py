@@ -142,8 +142,9 @@ class Runtime(BaseRuntime):
         """The precision the file's metadata names, read before onnxruntime loads it (the session's
         threads depend on it); None when unreadable (onnxruntime then says why)."""
         try:
-            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return read_header(data).props.get("precision")
+            with open(self.path, "rb") as f:
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # only the pages read_header reads
+            return read_header(data).props.get("precision")  # the map closes with its last reference
         except (OSError, ValueError):
             return None
 
