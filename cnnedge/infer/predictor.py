@@ -47,6 +47,7 @@ class Prediction:
     metric: str | None = None  # with a gallery: the distance used, and the distance to every class
     distances: dict[str, float] | None = None
     embedding: np.ndarray | None = field(default=None, repr=False)  # when the Predictor keeps embeddings
+    input: np.ndarray | None = field(default=None, repr=False)  # the network input, with predict_iter(inputs=True)
 
     def to_dict(self) -> dict:
         d = {
@@ -186,9 +187,10 @@ class Predictor:
         return list(self.predict_iter(items, topk))
 
     def predict_iter(self, items: Iterable, topk: int | None = None, save_crops: str | os.PathLike | None = None,
-                     on_batch=None) -> Iterator[Prediction]:
+                     on_batch=None, inputs: bool = False) -> Iterator[Prediction]:
         """Stream predictions for paths or arrays, in input order. Decoding and preprocessing run in the
-        thread pool, inference in the calling thread on batches of `batch_size`."""
+        thread pool, inference in the calling thread on batches of `batch_size`. With `inputs`, each
+        prediction carries its network input (float32 size x size in [0, 1]) in `Prediction.input`."""
         k = topk or self.topk
         items = iter(items)
         chunk_size = max(1, min(CHUNK, self.batch_size))
@@ -217,14 +219,14 @@ class Predictor:
                 buffered.append((item, x, error, box))
                 ready += x is not None
             if ready >= self.batch_size or not pending:
-                for p in self._infer(buffered, k, index, save_crops):
+                for p in self._infer(buffered, k, index, save_crops, inputs):
                     yield p
                 index += len(buffered)
                 if on_batch is not None:
                     on_batch(len(buffered))
                 buffered, ready = [], 0
 
-    def _infer(self, buffered: list[tuple], k: int, start: int, save_crops) -> list[Prediction]:
+    def _infer(self, buffered: list[tuple], k: int, start: int, save_crops, inputs: bool = False) -> list[Prediction]:
         good = [i for i, b in enumerate(buffered) if b[1] is not None]
         probs = np.zeros((0, len(self.class_names)), np.float32)
         dist = embeddings = None
@@ -263,6 +265,8 @@ class Predictor:
                     p.distances = {name: float(v) for name, v in zip(self.class_names, dist[r])}
                 if save_crops is not None:
                     _save_crop(Path(save_crops), start + i, path, p.label, x)
+                if inputs:
+                    p.input = x
             out.append(p)
         return out
 
