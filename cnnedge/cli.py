@@ -162,12 +162,14 @@ def with_train_options(fn):
     """Give `fn` (which takes **train_options) every sweepable train option as a list-valued option of
     its own, with train's flag and help: one definition of each option, and a new train option is
     sweepable the moment it exists."""
-    own = [p for p in pyinspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    swept = [pyinspect.Parameter(p.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
-                                 default=typer.Option(None, flag.split("/")[0], metavar="VALUES",
-                                                      help=p.default.help + (" Values: true, false." if "/" in flag or p.annotation == "bool" else "")))
-             for p, flag in _sweepable()]
-    fn.__signature__ = pyinspect.Signature(own + swept)
+    params = [p for p in pyinspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for p, flag in _sweepable():
+        is_flag = "/" in flag or p.annotation == "bool"  # --augment/--no-augment, --freeze-backbone
+        option = typer.Option(None, flag.split("/")[0], metavar="VALUES",
+                              help=p.default.help + (" Values: true, false." if is_flag else ""))
+        params.append(pyinspect.Parameter(p.name, pyinspect.Parameter.KEYWORD_ONLY, default=option,
+                                          annotation=Optional[list[str]]))
+    fn.__signature__ = pyinspect.Signature(params)
     return fn
 
 
@@ -200,6 +202,8 @@ def sweep(
                          study=study, plots=plots, trial_plots=trial_plots)
     check(config)
     needs_torch("sweep")
+    if search == "tpe" and importlib.util.find_spec("optuna") is None:
+        raise CnnedgeError('`cnnedge sweep --search tpe` needs optuna, which this install lacks: pip install "cnnedge[train]"')
     from cnnedge.train.sweep import run as run_sweep
 
     run_sweep(config)

@@ -113,7 +113,8 @@ def test_predict_grid_is_torch_free_and_red_where_the_class_folder_disagrees(tmp
     right = shutil.copy(ROOT / "samples/3/21_tight_crop.jpg", tmp_path / "3")
     unknown = shutil.copy(ROOT / "samples/5/01_mnist_like.png", tmp_path / "loose")  # no class folder
     grid = tmp_path / "grid.png"
-    run_torch_free(["predict", wrong, right, unknown, "--grid", grid, "--format", "json"])
+    result = run_torch_free(["predict", wrong, right, unknown, "--grid", grid, "--format", "json"])
+    assert [r["label"] for r in json.loads(result.stdout)["results"]] == ["3", "3", "5"]  # stdout stays JSON
     picture = cv2.imread(str(grid))
     size, boxes = grid_layout(3, (28, 28), cols=3, lines=2, title=True)
     assert picture.shape[:2] == size

@@ -31,6 +31,11 @@ def invoke(*args) -> str:
     return result.output
 
 
+def table_rows(output: str) -> list[list[str]]:
+    """The cells of the rich table rows in `output`."""
+    return [[c.strip() for c in line.split("│")[1:-1]] for line in output.splitlines() if line.startswith("│")]
+
+
 def metrics_of(row: dict, out: Path) -> dict:
     return json.loads((out / "trials" / row["trial"] / "cnn.metrics.json").read_text())
 
@@ -62,9 +67,10 @@ def test_results_agree_with_the_trials_metrics_files(grid_sweep):
         assert row["command"] == metrics["command"]
         assert f"--epochs {row['epochs']} --batch-size {row['batch_size']} --limit 4000 --seed 0" in row["command"]
         assert Path(row["checkpoint"]).is_file()
-        # The printed table carries the same figures.
-        line = next(l for l in output.splitlines() if row["trial"] in l and "│" in l)
-        assert f"{100 * metrics['test_accuracy']:.2f}%" in line and f"{metrics['test_loss']:.4f}" in line
+        # The printed table carries the same figures: # | epochs | batch-size | status | epoch | val | test | loss | s
+        cells = next(c for c in table_rows(output) if c[1:3] == [str(row["epochs"]), str(row["batch_size"])])
+        assert cells[3:8] == ["done", f"{row['epochs']}/{row['epochs']}", f"{100 * history[-1]['val_accuracy']:.2f}%",
+                              f"{100 * metrics['test_accuracy']:.2f}%", f"{metrics['test_loss']:.4f}"]
 
     with open(out / "sweep.csv", newline="") as f:
         table = list(csv.DictReader(f))

@@ -99,7 +99,9 @@ def _x_axis(axes, spec: dict, values: list):
     order = [str(v) for v in (spec.get("x_values") or sorted(set(map(str, values))))]
     for ax in axes:
         if spec["categorical"]:
-            ax.set_xticks(range(len(order)), order, rotation=30 if max(map(len, order), default=0) > 6 else 0)
+            crowded = sum(map(len, order)) > 60
+            ax.set_xticks(range(len(order)), order, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+            ax.set_xlim(-0.4, len(order) - 0.6)
         elif spec.get("log_x"):
             ax.set_xscale("log")
         elif len(distinct) <= 12:  # a few swept values: tick exactly those (no 1.5 epochs)
@@ -124,8 +126,10 @@ def plot_sweep_lines(spec: dict, path: Path) -> Path:
     ax_loss.set(xlabel=spec["x_label"], ylabel="test loss", title=f"test loss vs {spec['x_label']}")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
-    if len(spec["lines"]) > 1 or spec["lines"][0]["label"] != "all trials":
-        ax_acc.legend(fontsize=7)
+    fig.tight_layout()  # room for the tick labels inside the figure: the legend goes below them
+    if len(spec["lines"]) > 1 or spec["lines"][0]["label"] != "all trials":  # below both plots, off the lines
+        fig.legend(*ax_acc.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(3, len(spec["lines"])), fontsize=8, frameon=False)
     return _save(fig, path)
 
 

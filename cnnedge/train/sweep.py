@@ -540,11 +540,12 @@ class Board:
         if self.live is not None:
             self.live.stop()
 
-    def update(self, row: dict, finished: bool = False) -> None:
+    def update(self, row: dict, finished: bool = False, before: bool = False) -> None:
+        """Show `row` (new or changed); `finished` advances the bar, `before`: done by an earlier run."""
         self.rows[row["trial"]] = row
         if finished:
             self.progress.advance(self.task)
-            if self.live is None and row["status"] in ("done", "pruned"):
+            if self.live is None and not before and row["status"] in ("done", "pruned"):
                 self.console.print(self._line(row), markup=False)
         if self.live is not None:
             self.live.update(self._render())
@@ -563,14 +564,15 @@ class Board:
     def table(self, rows: list[dict], best: str | None = None, limit: int | None = None):
         from rich.table import Table
 
+        # "#": the trial's place in the grid, or its number in the study; its folder name is in sweep.json.
         table = Table(title=self.title, title_justify="left")
-        for column in ("trial", *(self.labels[n] for n in self.swept), *(["seed"] if self.seeds else []), "status",
+        for column in ("#", *(self.labels[n] for n in self.swept), *(["seed"] if self.seeds else []), "status",
                        "epoch", "val acc", "test acc", "test loss", "train s"):
-            table.add_column(column, justify="left" if column in ("trial", "status") else "right")
-        shown = rows[-limit:] if limit else rows
-        for r in shown:
+            table.add_column(column, justify="left" if column == "status" else "right")
+        numbered = [(r.get("number", i), r) for i, r in enumerate(rows, 1)]
+        for number, r in numbered[-limit:] if limit else numbered:
             epoch = f"{r.get('epochs_run') or 0}/{r['epochs']}" if r.get("epochs") else str(r.get("epochs_run") or "")
-            cells = [r["trial"], *(str(r[n]) for n in self.swept), *([str(r["seed"])] if self.seeds else []),
+            cells = [str(number), *(str(r[n]) for n in self.swept), *([str(r["seed"])] if self.seeds else []),
                      r["status"], epoch, _pct(r.get("val_accuracy")), _pct(r.get("test_accuracy")),
                      "" if r.get("test_loss") is None else f"{r['test_loss']:.4f}",
                      "" if r.get("train_seconds") is None else f"{r['train_seconds']:.1f}"]
@@ -657,7 +659,7 @@ def run_grid(config: SweepConfig) -> dict:
         for trial in trials:
             if trial.done:
                 rows[trial.name] = trial.row()
-                board.update(rows[trial.name], finished=True)
+                board.update(rows[trial.name], finished=True, before=True)
                 continue
             row = {"trial": trial.name, "status": "running", **trial.options, "seed": trial.seed,
                    "epochs": epochs[trial.name]}
@@ -809,7 +811,7 @@ def run_search(config: SweepConfig) -> dict:
         name = f"trial-{trial.number:04d}"
         job = Trial(config, options, seed, name)
         job.check_folder()
-        row = {"trial": name, "status": "running", **options, "seed": seed, "epochs": epochs}
+        row = {"trial": name, "number": trial.number, "status": "running", **options, "seed": seed, "epochs": epochs}
         board.update(row)
 
         def on_epoch(h):
