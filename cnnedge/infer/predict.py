@@ -138,7 +138,7 @@ def grid_picture(predictions: list[Prediction], title: str):
     from cnnedge.infer.grid import label_grid
 
     shown = [p for p in predictions if p.input is not None][:GRID_MAX]
-    captions = [[f"{p.label} {100 * p.confidence:.0f}%"] + ([f"true {p.truth}"] if p.truth not in (None, p.label) else [])
+    captions = [[f"{p.label} {100 * p.confidence:.0f}%", *([f"true {p.truth}"] if p.truth not in (None, p.label) else [])]
                 for p in shown]
     wrong = [None if p.truth is None else p.truth != p.label for p in shown]
     return label_grid([p.input for p in shown], captions, wrong, cols=min(10, len(shown)), scale=3, title=title)
@@ -204,7 +204,9 @@ def _write_grid(predictions: list[Prediction], grid: str, model: str) -> None:
     labelled = [p for p in ran if p.truth is not None]
     wrong = sum(p.truth != p.label for p in labelled)
     shown = min(len(ran), GRID_MAX)
-    title = f"{model}: {shown} of {len(ran)} inputs" + (f", {wrong} of {len(labelled)} labelled ones wrong (red)" if labelled else "")
+    title = f"{model}: {shown} of {len(ran)} inputs"
+    if labelled:
+        title += f", {wrong} of {len(labelled)} labelled ones wrong (red)"
     picture, _ = grid_picture(predictions, title)
     write_png(grid, picture)
     if len(ran) > GRID_MAX:

@@ -104,7 +104,7 @@ def _x_axis(axes, spec: dict, values: list):
             ax.set_xlim(-0.4, len(order) - 0.6)
         elif spec.get("log_x"):
             ax.set_xscale("log")
-        elif len(distinct) <= 12:  # a few swept values: tick exactly those (no 1.5 epochs)
+        elif spec["kind"] == "lines" and len(distinct) <= 12:  # a few grid values: tick exactly those (no 1.5 epochs)
             ax.set_xticks(distinct)
     return (lambda xs: [order.index(str(x)) for x in xs]) if spec["categorical"] else (lambda xs: list(xs))
 
@@ -162,8 +162,11 @@ def plot_search_history(spec: dict, path: Path) -> Path:
     t, v = np.array(trials), np.array(values, dtype=float)
     ax.scatter(t[~pruned], v[~pruned], label="finished", zorder=3)
     ax.scatter(t[pruned], v[pruned], marker="x", color="grey", label="pruned (last validation)", zorder=3)
-    best = np.fmax.accumulate(np.where(~pruned, v, -np.inf)) if len(v) else v
-    ax.step(t, np.where(np.isfinite(best), best, np.nan), where="post", color="tab:green", label="best so far")
+    if len(v):  # a step per new best, drawn on to half a trial past the last one
+        best = np.fmax.accumulate(np.where(~pruned, v, -np.inf))
+        best = np.where(np.isfinite(best), best, np.nan)
+        ax.step(np.append(t, t[-1] + 0.5), np.append(best, best[-1]), where="post", color="tab:green",
+                label="best so far")
     ax.set(xlabel="trial", ylabel="validation accuracy (%)", title="search history")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -174,9 +177,6 @@ def plot_sweep_points(spec: dict, path: Path) -> Path:
     """A searched option's sampled values against the test accuracy and loss of the finished trials."""
     plt = _figure()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
-    numeric = not spec["categorical"]
-    if numeric and spec["values"] and min(spec["values"]) > 0 and max(spec["values"]) / min(spec["values"]) >= 50:
-        spec = {**spec, "log_x": True}
     xs = _x_axis((ax_acc, ax_loss), spec, spec["values"])(spec["values"])
     ax_acc.scatter(xs, 100 * np.array(spec["accuracy"], dtype=float))
     ax_loss.scatter(xs, spec["loss"])

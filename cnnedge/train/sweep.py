@@ -450,9 +450,9 @@ def heatmap_plot(rows: list[dict], swept: list[str], labels: dict[str, str]) -> 
             "accuracy": [[cell.get((y, x)) for x in xs] for y in ys]}
 
 
-def search_plots(rows: list[dict], swept: list[str], labels: dict[str, str]) -> dict[str, dict]:
+def search_plots(rows: list[dict], swept: list[str], labels: dict[str, str], log: set[str]) -> dict[str, dict]:
     """For a TPE study: the objective per trial (pruned ones marked), and each searched option's values
-    against the test accuracy of the finished trials."""
+    against the test accuracy of the finished trials (on a log axis for the `log` ones: :log ranges)."""
     finished = [r for r in rows if r["status"] in ("done", "pruned")]
     plots = {"history.png": {"kind": "history", "trials": [r["number"] for r in finished],
                              "objective": [r["objective"] for r in finished],
@@ -461,7 +461,7 @@ def search_plots(rows: list[dict], swept: list[str], labels: dict[str, str]) -> 
     for name in swept:
         numeric = _numeric([r[name] for r in done])
         plots[f"test_vs_{name}.png"] = {
-            "kind": "points", "x": name, "x_label": labels[name], "categorical": not numeric,
+            "kind": "points", "x": name, "x_label": labels[name], "categorical": not numeric, "log_x": name in log,
             "values": [r[name] for r in done], "accuracy": [r["test_accuracy"] for r in done],
             "loss": [r["test_loss"] for r in done], "trials": [r["number"] for r in done]}
     return plots
@@ -864,7 +864,8 @@ def run_search(config: SweepConfig) -> dict:
             raise
 
     doc = document()
-    doc["plots"] = search_plots(doc["trials"], swept, labels) if config.plots else {}
+    log = {n for n, values in config.options.items() if isinstance(values[0], Range) and values[0].log}
+    doc["plots"] = search_plots(doc["trials"], swept, labels, log) if config.plots else {}
     write_results(out, doc, columns)
     written = draw_plots(out, doc["plots"]) if doc["plots"] else []
     _report(board, doc, written, out)

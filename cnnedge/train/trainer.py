@@ -459,11 +459,14 @@ def prediction_picks(model, x, y: np.ndarray, preds: np.ndarray, mean_t, std_t, 
     """Which evaluated images to show: the mistakes, most confident first (at most two thirds of the
     grid, so that right answers show too), then random correct ones, `n` in all; and the confidence of
     each shown prediction."""
-    wrong, right = np.flatnonzero(preds != y), np.flatnonzero(preds == y)
-    confidence = lambda idx: (model(normalize(x[idx].to(device), mean_t, std_t)).softmax(1).amax(1).cpu().numpy()
-                              if len(idx) else np.zeros(0, np.float32))
+    def confidence(idx: np.ndarray) -> np.ndarray:  # the predicted class's probability, 1000 images at a time
+        chunks = [model(normalize(x[idx[i: i + 1000]].to(device), mean_t, std_t)).softmax(1).amax(1).cpu().numpy()
+                  for i in range(0, len(idx), 1000)]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
     model.eval()
-    wrong_conf = np.concatenate([confidence(wrong[i: i + 1000]) for i in range(0, len(wrong), 1000)] or [np.zeros(0)])
+    wrong, right = np.flatnonzero(preds != y), np.flatnonzero(preds == y)
+    wrong_conf = confidence(wrong)
     order = np.argsort(-wrong_conf, kind="stable")[: max(2 * n // 3, n - len(right))]
     rng = np.random.default_rng(seed)
     right = np.sort(rng.choice(right, size=min(n - len(order), len(right)), replace=False))
