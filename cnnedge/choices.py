@@ -20,6 +20,8 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 Quantization = Literal["none", "fp16", "int8"]
 PreprocessMode = Literal["digit", "fit"]
 Precision = Literal["fp32", "fp16", "int8"]
+SweepSearch = Literal["grid", "tpe"]
+SweepKeep = Literal["all", "best"]
 
 PROVIDERS = get_args(Provider)
 RUNTIMES = get_args(Runtime)
@@ -31,6 +33,8 @@ DEVICES = get_args(Device)
 QUANTIZATIONS = get_args(Quantization)
 PREPROCESS_MODES = get_args(PreprocessMode)
 PRECISIONS = get_args(Precision)
+SWEEP_SEARCHES = get_args(SweepSearch)
+SWEEP_KEEPS = get_args(SweepKeep)
 
 # Typer takes a repeatable option's choices from an Enum only (not a list of Literal).
 QuantizeOption = Enum("QuantizeOption", {q: q for q in QUANTIZATIONS}, type=str)

@@ -4,8 +4,10 @@ so `cnnedge predict` never loads torch and a usage error costs what `cnnedge --h
 from __future__ import annotations
 
 import importlib.util
+import inspect as pyinspect
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +15,7 @@ import typer
 
 from cnnedge import __version__
 from cnnedge.choices import (BenchFormat, Device, InfoFormat, Loss, Metric, Optimizer, PredictFormat, Provider,
-                             QuantizeOption, Runtime, Schedule, WebcamFormat)
+                             QuantizeOption, Runtime, Schedule, SweepKeep, SweepSearch, WebcamFormat)
 from cnnedge.errors import CnnedgeError, ExitCode
 
 app = typer.Typer(
@@ -27,7 +29,7 @@ app = typer.Typer(
 # What each command imports from the cnnedge[train] extra (torch, torchvision, onnx, onnxscript, matplotlib):
 # a machine with torch alone (a GPU box's own python3) trains MNIST, which is read without torchvision.
 TRAIN_MODULES = {"train": ("torch",), "summary": ("torch",), "inspect": ("torch",),
-                 "export": ("torch", "onnx", "onnxscript")}
+                 "export": ("torch", "onnx", "onnxscript"), "sweep": ("torch", "torchvision", "matplotlib")}
 SHIPPED_MODEL = "[default: the shipped model, cnnedge/infer/model/cnn.onnx in a wheel, export/cnn.onnx in the repo]"
 THREADS_HELP = ("CPU threads (torch and onnxruntime) [default: the cores other processes leave free, or "
                 "OMP_NUM_THREADS when set].")
@@ -156,6 +158,71 @@ def train(
                     freeze_backbone=freeze_backbone, plots=plots, hparams=hparams, threads=threads))
 
 
+# ----------------------------------------------------------------------------------------------- sweep
+
+# The sweep sets these itself for each trial; every other train option takes one or more values there.
+NOT_SWEPT = ("out", "resume", "download", "plots", "seed", "force")
+
+
+def _sweepable():
+    """train's parameters that sweep takes, with each one's option declaration and help."""
+    for p in pyinspect.signature(train).parameters.values():
+        if p.name not in NOT_SWEPT:
+            decls = p.default.param_decls
+            yield p, (decls[0] if decls else "--" + p.name.replace("_", "-"))
+
+
+def with_train_options(fn):
+    """Give `fn` (which takes **train_options) every sweepable train option as a list-valued option of
+    its own, with train's flag and help: one definition of each option, and a new train option is
+    sweepable the moment it exists."""
+    params = [p for p in pyinspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for p, flag in _sweepable():
+        is_flag = "/" in flag or p.annotation == "bool"  # --augment/--no-augment, --freeze-backbone
+        option = typer.Option(None, flag.split("/")[0], metavar="VALUES",
+                              help=p.default.help + (" Values: true, false." if is_flag else ""))
+        params.append(pyinspect.Parameter(p.name, pyinspect.Parameter.KEYWORD_ONLY, default=option,
+                                          annotation=Optional[list[str]]))
+    fn.__signature__ = pyinspect.Signature(params)
+    return fn
+
+
+@command()
+@with_train_options
+def sweep(
+    out: Path = typer.Option(..., help="Folder for the trials, sweep.json, sweep.csv and the plots; rerun the same command to continue."),
+    seeds: str = typer.Option("0", help="Train every point once per seed (0,1,2 or 0..4): the spread shows in the tables and plots."),
+    search: SweepSearch = typer.Option("grid", help="grid: every combination of the values; tpe: Optuna's TPE sampler over the values and ranges, pruning trials whose validation accuracy lags."),
+    trials: Optional[int] = typer.Option(None, help="With --search tpe: trials in the study in all, over every process that shares it."),
+    storage: Optional[str] = typer.Option(None, help="With --search tpe: Optuna storage URL that several processes or machines share, e.g. sqlite:///runs/study.db or postgresql://user@host/db [default: study.db in --out]."),
+    study: Optional[str] = typer.Option(None, help="With --search tpe: study name in the storage [default: the --out folder's name]."),
+    keep: SweepKeep = typer.Option("all", help="Checkpoints to keep: every trial's, or the best one's (the metrics of all stay)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the sweep's PNG plots."),
+    trial_plots: bool = typer.Option(False, "--trial-plots/--no-trial-plots", help="Each trial writes its own training plots too (about 1 s more per trial)."),
+    **train_options,
+) -> None:
+    """Train over a grid or a search of train options: live table, sweep.json/.csv, plots, the best trial.
+
+    Every train option takes one or more values, repeated or comma-separated (--epochs 1,2,4 --epochs 8),
+    and numeric ones ranges: LOW..HIGH[:STEP] (--batch-size 500..10000:500; a grid steps through it) or
+    LOW..HIGH:log (--lr 1e-4..0.1:log, for --search tpe)."""
+    from cnnedge.train.sweep import SweepConfig, TrainOption, check, parse_seeds, parse_values  # torch-free
+
+    hints = typing.get_type_hints(train)
+    known = {p.name: TrainOption(p.name, flag, hints[p.name]) for p, flag in _sweepable()}
+    options = {name: parse_values(known[name], values) for name, values in train_options.items() if values}
+    config = SweepConfig(out=str(out), options=options, train_options={n: known[n] for n in options},
+                         seeds=parse_seeds(seeds), keep=keep, search=search, trials=trials, storage=storage,
+                         study=study, plots=plots, trial_plots=trial_plots)
+    check(config)
+    needs_torch("sweep")
+    if search == "tpe" and importlib.util.find_spec("optuna") is None:
+        raise CnnedgeError('`cnnedge sweep --search tpe` needs optuna, which this install lacks: pip install "cnnedge[train]"')
+    from cnnedge.train.sweep import run as run_sweep
+
+    run_sweep(config)
+
+
 # --------------------------------------------------------------------------------------------- summary
 
 
@@ -233,6 +300,24 @@ def inspect(
         console.print(f"wrote {path}")
 
 
+# ---------------------------------------------------------------------------------------------- pixels
+
+
+@command()
+def pixels(
+    image: Path = typer.Argument(..., help="An image file; the model's own preprocessing turns it into the network input."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write [default: <image stem>.pixels.png in the current folder]."),
+    model: Optional[Path] = typer.Option(None, help=f"ONNX model whose preprocessing and prediction to show {SHIPPED_MODEL}."),
+    cell: int = typer.Option(34, min=16, max=96, help="Picture pixels per input pixel."),
+) -> None:
+    """The network input of an image as a large grid, each pixel's value written in it (no PyTorch)."""
+    from cnnedge.infer.pixels import run as run_pixels
+    from cnnedge.report import console
+
+    path, prediction = run_pixels(str(image), str(out) if out else None, str(model) if model else None, cell)
+    console.print(f"wrote {path} (the model says {prediction})", markup=False, soft_wrap=True)
+
+
 # --------------------------------------------------------------------------------------------- predict
 
 
@@ -251,6 +336,7 @@ def predict(
     metric: Optional[Metric] = typer.Option(None, help="With --gallery: cosine, or ssd (sum of squared differences) [default: the gallery's]."),
     runtime: Optional[Runtime] = typer.Option(None, help=RUNTIME_HELP),
     threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime (or OpenCV) threads that run the network [default: the cores other processes leave free, or OMP_NUM_THREADS when set]."),
+    grid: Optional[Path] = typer.Option(None, help="Also draw the 28x28 network inputs with their predictions into this PNG, red where a class folder says a prediction is wrong (the first 400 images)."),
 ) -> None:
     """Classify images with onnxruntime or OpenCV DNN (no PyTorch): a table, JSON or CSV, and accuracy for class folders."""
     from cnnedge.infer.predict import run as run_predict
@@ -258,7 +344,8 @@ def predict(
     code = run_predict(inputs, model=str(model) if model else None, provider=provider, recursive=recursive,
                        batch_size=batch_size, topk=topk, fmt=output_format,
                        save_crops=str(save_crops) if save_crops else None, workers=workers,
-                       gallery=str(gallery) if gallery else None, metric=metric, runtime=runtime, threads=threads)
+                       gallery=str(gallery) if gallery else None, metric=metric, runtime=runtime,
+                       grid=str(grid) if grid else None, threads=threads)
     if code:
         raise typer.Exit(code)
 

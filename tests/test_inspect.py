@@ -66,6 +66,6 @@ def test_seed_network_with_valid_padding_and_even_kernel(tmp_path, handwritten_d
                            "input_shape": [1, 28, 28], "mean": [0.13], "std": [0.31], "preprocess": "digit",
                            "state_dict": model.state_dict()})
     for layer in ("conv1", "conv2"):
+        # Without the anchor shift, filter2D's output is off by a pixel against the conv's: differences of ~1.
         _, difference = inspect(path, image_path=handwritten_dir / "8" / "photo_8.png", layer=layer, out_dir=tmp_path)
         assert difference < 1e-4
-    assert np.isfinite(difference)

@@ -44,7 +44,7 @@ def test_one_epoch_on_real_mnist_beats_98_percent(tmp_path, data_root):
     assert abs(np.trace(cm) / cm.sum() - metrics["test_accuracy"]) < 1e-9
     assert set(metrics["per_class_accuracy"]) == {str(i) for i in range(10)}
     assert [h["epoch"] for h in metrics["history"]] == [1]
-    for suffix in (".curves.png", ".confusion.png"):
+    for suffix in (".curves.png", ".confusion.png", ".samples.png", ".predictions.png"):
         image = cv2.imread(str(out.with_name(out.stem + suffix)))
         assert image is not None and image.shape[0] > 100
     assert "test accuracy" in result.stdout and "confusion matrix" in result.stdout
@@ -69,6 +69,7 @@ def test_same_seed_same_metrics(small_run, tmp_path):
     assert run_cli("train", *SMALL, "--seed", "1", "--out", out).returncode == 0
     first, second = _metrics(small_run), _metrics(out)
     assert [h["threads"] for h in first["history"]] == [1, 1]
+    assert not list(out.parent.glob("*.png"))  # --no-plots: no curves, confusion, samples or predictions PNG
     assert first["test_accuracy"] == second["test_accuracy"]
     assert [h["train_loss"] for h in first["history"]] == [h["train_loss"] for h in second["history"]]
     other = tmp_path / "other.pt"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import sys
 from dataclasses import replace
 
@@ -11,7 +13,7 @@ from torch import nn
 
 from cnnedge import cli
 from cnnedge.train.zoo import ARCHS, Layer, build_edgenet, check_layers, get_arch
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -23,20 +25,57 @@ def test_documented_table_matches_module(name):
     assert sum(r.measured.params for r in rows) == sum(layer.params for layer in arch.table)
 
 
-def test_seed_tables_carry_the_documented_figures():
-    # Figures straight from the seed write-ups, not from our modules.
-    keras = {layer.name: layer for layer in ARCHS["keras_mnist_cnn"].table}
-    assert keras["conv1"].shape == (32, 26, 26) and keras["conv1"].params == 320
-    assert keras["dense1"].params == 1_179_776
-    assert sum(layer.params for layer in keras.values()) == 1_199_882
-    memory = ARCHS["keras_mnist_cnn"].input_memory + sum(layer.memory for layer in keras.values())
-    assert memory == 87_194
-    seed2 = {layer.name: layer for layer in ARCHS["keras_convnet"].table}
-    assert (seed2["conv1"].shape, seed2["conv1"].params) == ((32, 25, 25), 544)
-    assert (seed2["conv2"].shape, seed2["conv2"].params) == ((32, 10, 10), 9_248)
-    assert seed2["flatten"].shape == (800,)
-    assert ARCHS["lenet_dropout"].table[-4].shape == (320,)
-    assert ARCHS["qmnist_convnet"].table[-2].shape == (7 * 7 * 32,)
+def seed_text(number: str) -> str:
+    folder = ROOT.parent / "shared" / "seeds"
+    found = sorted(folder.glob(f"{number}_*.txt"))
+    if not found:
+        reason = f"seed write-up {number} not found in {folder}"
+        if os.environ.get("CNNEDGE_REQUIRE_DATA") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found[0].read_text()
+
+
+def test_seed_004_summary_is_our_keras_mnist_cnn_table():
+    """The Keras model.summary() printed in seed 004, row by row: (None, H, W, C) shapes and parameters."""
+    rows = re.findall(r"^\w+ \((\w+)\)?\s+\(None, ([\d, ]+)\)\s+([\d,]+)$", seed_text("004"), re.M)
+    summary = [(kind, tuple(int(d) for d in dims.split(",")), int(params.replace(",", ""))) for kind, dims, params in rows]
+    first = summary[: len(ARCHS["keras_mnist_cnn"].table)]  # the first of the seed's two identical summaries
+    assert [k for k, _, _ in first] == ["Conv2D", "Conv2D", "MaxPooling2", "Dropout", "Flatten", "Dense", "Dropout", "Dense"]
+    for layer, (_, dims, params) in zip(ARCHS["keras_mnist_cnn"].table, first):
+        chw = (dims[2], dims[0], dims[1]) if len(dims) == 3 else dims
+        assert (layer.shape, layer.params) == (chw, params), layer.name
+    assert "Total params: 1,199,882" in seed_text("004")
+
+
+def test_seed_002_figures_are_our_keras_convnet_table():
+    text = seed_text("002")
+    table = {layer.name: layer for layer in ARCHS["keras_convnet"].table}
+    documented = [int(n) for n in re.findall(r"No\. parameters = [\d *+()]+= +(\d+)", text)]
+    assert documented[:2] == [table["conv1"].params, table["conv2"].params]  # 544, 9248
+    shapes = [tuple(int(d) for d in m.split(", ")) for m in re.findall(r"Output dim = \(None, ([\d, ]+)\)", text)]
+    assert [(c, h, w) for h, w, c in shapes] == [table[n].shape for n in ("conv1", "pool1", "conv2", "pool2")]
+    assert "into (None, 800)" in text and table["flatten"].shape == (800,)
+    # The seed counts the dense layer's weights only (800 * 10); the table adds the 10 biases and says so.
+    assert documented[2] == 8000 and table["dense"].params == 8000 + 10 and "biases" in table["dense"].note
+
+
+def test_seed_003_module_is_our_lenet_dropout_table():
+    """Parameter counts computed from the module seed 003 prints (kernel sizes and features), not from ours."""
+    text = seed_text("003")
+    convs = [tuple(int(v) for v in m) for m in re.findall(r"Conv2d\((\d+), (\d+), kernel_size=\((\d+), \d+\)", text)]
+    linears = [tuple(int(v) for v in m) for m in re.findall(r"Linear\(in_features=(\d+), out_features=(\d+)", text)]
+    table = {layer.name: layer for layer in ARCHS["lenet_dropout"].table}
+    assert [table["conv1"].params, table["conv2"].params] == [cout * (cin * k * k + 1) for cin, cout, k in convs]
+    assert [table["fc1"].params, table["fc2"].params] == [o * (i + 1) for i, o in linears]
+    assert table["flatten"].shape == (linears[0][0],) and "tensor.view(320)" in text
+
+
+def test_seed_000_flatten_is_our_qmnist_convnet_table():
+    text = seed_text("000")
+    fan_in = re.search(r"nn\.Linear\(7\*7\*32, num_classes\)", text)
+    assert fan_in and ARCHS["qmnist_convnet"].table[-2].shape == (7 * 7 * 32,)
+    assert ARCHS["qmnist_convnet"].table[-1].params == 7 * 7 * 32 * 10 + 10
 
 
 def test_head_adapts_to_other_class_counts():

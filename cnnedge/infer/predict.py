@@ -18,6 +18,8 @@ from cnnedge.infer.files import collect_inputs, printable, quiet_native_stderr, 
 from cnnedge.infer.predictor import Prediction, Predictor
 from cnnedge.metrics import classification_report, confusion_matrix
 
+GRID_MAX = 400  # images in a --grid picture (20 x 20 rows of 28x28 inputs at 3x: about 1 MB)
+
 
 # ---------------------------------------------------------------------------------------- report
 
@@ -128,10 +130,22 @@ def render_csv(predictions: list[Prediction]) -> str:
 # -------------------------------------------------------------------------------------------- CLI
 
 
+def grid_picture(predictions: list[Prediction], title: str):
+    """The network inputs of the first GRID_MAX predictions with their labels: red where the class folder
+    says the prediction is wrong, green where it is right, grey where there is no class folder."""
+    from cnnedge.infer.grid import label_grid
+
+    shown = [p for p in predictions if p.input is not None][:GRID_MAX]
+    captions = [[f"{p.label} {100 * p.confidence:.0f}%", *([f"true {p.truth}"] if p.truth not in (None, p.label) else [])]
+                for p in shown]
+    wrong = [None if p.truth is None else p.truth != p.label for p in shown]
+    return label_grid([p.input for p in shown], captions, wrong, cols=min(10, len(shown)), scale=3, title=title)
+
+
 def run(inputs: list[str], model: str | None = None, provider: str = "auto", recursive: bool = False,
         batch_size: int = 256, topk: int = 3, fmt: str = "table", save_crops: str | None = None,
         workers: int | None = None, gallery: str | None = None, metric: str | None = None,
-        runtime: str | None = None, threads: int | None = None) -> int:
+        runtime: str | None = None, grid: str | None = None, threads: int | None = None) -> int:
     """The `cnnedge predict` command; returns the exit code (0 all fine, 1 some inputs failed)."""
     from cnnedge.report import err_console, warn
 
@@ -144,19 +158,28 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
         raise CnnedgeError("no images to predict" + (f" ({len(problems)} input(s) reported above)" if problems else ""))
     if save_crops is not None and Path(save_crops).exists() and not Path(save_crops).is_dir():
         raise CnnedgeError(f"--save-crops {save_crops}: exists and is not a folder")
+    if grid is not None and (Path(grid).suffix.lower() != ".png" or Path(grid).is_dir()):
+        raise CnnedgeError(f"--grid {grid}: give a .png file to write")
 
     predictor = Predictor(model, provider, batch_size=batch_size, workers=workers, topk=topk, gallery=gallery,
-                          metric=metric, runtime=runtime, threads=threads)
+                          metric=metric, runtime=runtime, inputs=grid is not None, threads=threads)
     predictions: list[Prediction] = []
+    drawn = 0
     start = time.perf_counter()
     with predictor, quiet_native_stderr(), _progress(len(paths), err_console) as advance:
         for p in predictor.predict_iter(paths, save_crops=save_crops, on_batch=advance):
             if p.error is not None:
                 warn(f"{printable(p.path)}: {p.error}; skipped")
+            if p.input is not None:
+                drawn += 1
+                if drawn > GRID_MAX:
+                    p.input = None  # the grid is full: do not hold every input of a big folder
             predictions.append(p)
     seconds = time.perf_counter() - start
     summary = summarise(predictions, predictor.class_names, seconds)
     model = shown_path(predictor.model)
+    if grid is not None:
+        _write_grid(predictions, grid, model)
     if fmt == "table":
         title = model if gallery is None else f"{model} + {shown_path(gallery)}"
         render_table(predictions, summary, title, predictor.provider, topk, predictor.runtime.name)
@@ -165,6 +188,27 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
     return int(ExitCode.PARTIAL) if summary.errors or problems else int(ExitCode.OK)
+
+
+def _write_grid(predictions: list[Prediction], grid: str, model: str) -> None:
+    from cnnedge.infer.grid import write_png
+    from cnnedge.report import err_console, warn
+
+    ran = [p for p in predictions if p.label is not None]
+    if not ran:
+        warn(f"--grid {grid}: no image was classified; nothing drawn")
+        return
+    labelled = [p for p in ran if p.truth is not None]
+    wrong = sum(p.truth != p.label for p in labelled)
+    shown = min(len(ran), GRID_MAX)
+    title = f"{model}: {shown} of {len(ran)} inputs"
+    if labelled:
+        title += f", {wrong} of {len(labelled)} labelled ones wrong (red)"
+    picture, _ = grid_picture(predictions, title)
+    write_png(grid, picture)
+    if len(ran) > GRID_MAX:
+        warn(f"--grid {grid}: shows the first {GRID_MAX} of {len(ran)} classified images")
+    err_console.print(f"wrote {grid}", markup=False, soft_wrap=True)
 
 
 class _progress:

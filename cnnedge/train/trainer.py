@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -273,17 +274,21 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
     return Distributed(dist.get_rank(), local_rank, dist.get_world_size()), device
 
 
-def run(config: TrainConfig, command: str | None = None) -> dict | None:
-    """Train (or resume) and return the metrics written to <out stem>.metrics.json (on rank 0)."""
+def run(config: TrainConfig, command: str | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict | None:
+    """Train (or resume) and return the metrics written to <out stem>.metrics.json (on rank 0).
+
+    `on_epoch(entry)` is called on rank 0 after each epoch is checkpointed, with that epoch's history entry
+    (train/val loss and accuracy): `cnnedge sweep` shows progress and prunes bad trials with it. Whatever it
+    raises ends the run there, the epoch's checkpoint kept."""
     dist, device = init_distributed(pick_device(config.device))
     try:
-        return _run(config, command, dist, device)
+        return _run(config, command, dist, device, on_epoch)
     finally:
         if dist.world > 1:
             torch.distributed.destroy_process_group()
 
 
-def _run(config: TrainConfig, command: str | None, dist: Distributed, device: torch.device) -> dict | None:
+def _run(config: TrainConfig, command: str | None, dist: Distributed, device: torch.device, on_epoch=None) -> dict | None:
     out = Path(config.out)
     command = command or shlex.join(["cnnedge", *sys.argv[1:]])
     say = console.print if dist.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
@@ -433,6 +438,8 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
                                               "state_dict": model.state_dict(), "optimizer_state": optimizer.state_dict(),
                                               "scheduler_state": scheduler.state_dict()})
                         saved = epoch
+                    if on_epoch is not None:
+                        on_epoch(h)
                 if dist.world > 1:
                     torch.distributed.barrier()  # nobody starts the next epoch before the checkpoint is on disk
     except Interrupted as e:
@@ -444,6 +451,37 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
         return None
     seconds["epochs"] = sum(h["seconds"] for h in history[start_epoch - 1:])
     return finish(model, data, run_info, history, mean_t, std_t, hp, device, out, val_idx, config.plots, seconds)
+
+
+def training_samples(x: torch.Tensor, y: torch.Tensor, hp: dict, seed: int, n: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    """`n` random training images as the network saw them: augmented when the recipe augments. The
+    global RNG is left as it was (seeded here, so the same run draws the same samples)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        idx = torch.randperm(len(x))[:n]
+        images = augment_batch(x[idx]) if hp["augment"] else x[idx]
+    return images.squeeze(1).numpy(), y[idx].numpy()
+
+
+@torch.no_grad()
+def prediction_picks(model, x, y: np.ndarray, preds: np.ndarray, mean_t, std_t, device, seed: int,
+                     n: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """Which evaluated images to show: the mistakes, most confident first (at most two thirds of the
+    grid, so that right answers show too), then random correct ones, `n` in all; and the confidence of
+    each shown prediction."""
+    def confidence(idx: np.ndarray) -> np.ndarray:  # the predicted class's probability, 1000 images at a time
+        chunks = [model(normalize(x[idx[i: i + 1000]].to(device), mean_t, std_t)).softmax(1).amax(1).cpu().numpy()
+                  for i in range(0, len(idx), 1000)]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+    model.eval()
+    wrong, right = np.flatnonzero(preds != y), np.flatnonzero(preds == y)
+    wrong_conf = confidence(wrong)
+    order = np.argsort(-wrong_conf, kind="stable")[: max(2 * n // 3, n - len(right))]
+    rng = np.random.default_rng(seed)
+    right = np.sort(rng.choice(right, size=min(n - len(order), len(right)), replace=False))
+    picks = np.concatenate([wrong[order], right]).astype(np.int64)
+    return picks, np.concatenate([wrong_conf[order], confidence(right)])
 
 
 def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out: Path, val_idx, plots: bool,
@@ -463,6 +501,7 @@ def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out:
         "arch": run_info["arch"], "dataset": run_info["dataset"], "epochs": run_info["epochs"],
         "command": run_info["command"], "report_split": split, f"{split}_loss": loss,
         f"{split}_accuracy": report["accuracy"], "train_seconds": train_seconds, "history": history,
+        "parameters": sum(p.numel() for p in model.parameters()),
         **{k: v for k, v in report.items() if k != "accuracy"},
         "cnnedge_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": seconds,  # where the time went: data loading, set-up, epochs (with validation), test, plots
@@ -472,11 +511,19 @@ def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out:
                           "metrics": summary, "state_dict": model.state_dict()})
     written = [out]
     if plots:
-        from cnnedge.train.plots import plot_confusion, plot_curves
+        from cnnedge.train.plots import plot_confusion, plot_curves, plot_predictions, plot_samples
 
         t0 = time.perf_counter()
+        keep = torch.ones(len(data.x_train), dtype=torch.bool)
+        keep[val_idx] = False  # samples from the training split only
+        images, labels = training_samples(data.x_train[keep], data.y_train[keep], hp, run_info["seed"])
+        picks, confidence = prediction_picks(model, x, y.numpy(), preds, mean_t, std_t, device, run_info["seed"])
         written += [plot_curves(history, out.with_name(out.stem + ".curves.png")),
-                    plot_confusion(cm, data.class_names, out.with_name(out.stem + ".confusion.png"))]
+                    plot_confusion(cm, data.class_names, out.with_name(out.stem + ".confusion.png")),
+                    plot_samples(images, labels, data.class_names, hp["augment"], out.with_name(out.stem + ".samples.png")),
+                    plot_predictions(x[picks].squeeze(1).numpy(), preds[picks], y.numpy()[picks], confidence,
+                                     data.class_names, int((preds != y.numpy()).sum()), split,
+                                     out.with_name(out.stem + ".predictions.png"))]
         seconds["plots"] = time.perf_counter() - t0
     metrics_path = out.with_name(out.stem + ".metrics.json")
     write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")

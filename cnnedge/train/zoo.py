@@ -1,4 +1,5 @@
-"""The model zoo: the five seed networks and our edge network, each with its documented layer table.
+"""The model zoo: the five seed networks, a variant (seed 003's experiment), and our edge network, each
+with its documented layer table.
 
 A table is data, not a comment: every row names a child of the network's `nn.Sequential` and gives
 the output shape (without the batch axis) and parameter count its source documents. `check_layers`
@@ -220,6 +221,22 @@ LENET_DROPOUT_TABLE = (
 )
 
 
+# --- seed 003, task 4: the same network with a second dropout layer, between the fully connected layers. ---
+# The seed puts it "after fc2" for the reason that fully connected layers have more nodes; after the 10 logits
+# it would drop class scores, so it goes after fc1's 50 units, where the classic PyTorch MNIST example has it.
+def build_lenet_dropout2(num_classes: int = 10) -> nn.Sequential:
+    layers = list(build_lenet_dropout(num_classes).named_children())
+    at = [name for name, _ in layers].index("relu3") + 1
+    return _seq(*layers[:at], ("fc1_drop", nn.Dropout(0.5)), *layers[at:])
+
+
+LENET_DROPOUT2_TABLE = (
+    *LENET_DROPOUT_TABLE[:-1],
+    Layer("fc1_drop", (50,), 0, note="Dropout(0.5): the second dropout layer"),
+    LENET_DROPOUT_TABLE[-1],
+)
+
+
 # --- seed 004: the Keras MNIST CNN; its table documents activation memory as well. ---
 def build_keras_mnist_cnn(num_classes: int = 10) -> nn.Sequential:
     from torch import nn
@@ -294,6 +311,15 @@ ARCHS: dict[str, Arch] = {
             "conv 10 5x5, pool, ReLU, conv 20 5x5, Dropout2d, pool, ReLU, fc 50, fc 10",
             LENET_DROPOUT_TABLE,
             build_lenet_dropout,
+            embedding="relu3",
+            recipe=dict(optimizer="sgd", lr=0.01, momentum=0.5, batch_size=640, epochs=5, loss="cross-entropy"),
+        ),
+        Arch(
+            "lenet_dropout2",
+            "seed 003, task 4 (a second dropout layer)",
+            "lenet_dropout with Dropout(0.5) after fc1: conv 10, conv 20 + Dropout2d, fc 50 + Dropout, fc 10",
+            LENET_DROPOUT2_TABLE,
+            build_lenet_dropout2,
             embedding="relu3",
             recipe=dict(optimizer="sgd", lr=0.01, momentum=0.5, batch_size=640, epochs=5, loss="cross-entropy"),
         ),
