@@ -279,12 +279,13 @@ def inspect(
     out: Optional[Path] = typer.Option(None, help="Folder for the PNGs [default: <checkpoint stem>_inspect beside it]."),
 ) -> None:
     """Filters of a conv layer as a PNG grid, and what they do to an image (cv2.filter2D vs the network)."""
-    from cnnedge.errors import ImageError
-    from cnnedge.infer.files import read_image
     from cnnedge.train.checkpoint import check_checkpoint_file  # torch-free: refusals before torch's start-up
 
     check_checkpoint_file(checkpoint)
     if image is not None:
+        from cnnedge.errors import ImageError
+        from cnnedge.infer.files import read_image
+
         try:
             read_image(image)
         except ImageError as e:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from cnnedge.choices import LOSSES, OPTIMIZERS, QUANTIZATIONS, SCHEDULES
 from cnnedge.errors import CnnedgeError
-from cnnedge.infer.files import resolve_data_dir
 from cnnedge.train.checkpoint import check_checkpoint_file
 from cnnedge.train.zoo import get_arch
 
@@ -46,6 +45,8 @@ def dataset_root(dataset: str, data_dir: str | os.PathLike | None = None, downlo
     if dataset not in DATASETS:
         choices = ", ".join([*DATASETS, "imagefolder:PATH"])
         raise CnnedgeError(f"unknown dataset {dataset!r}; choose one of: {choices}")
+    from cnnedge.infer.files import resolve_data_dir  # (OpenCV and numpy: only for the dataset)
+
     root = resolve_data_dir(data_dir)
     raw = root / DATASETS[dataset][0] / "raw"
     if dataset == "mnist" and not download and not all((raw / name).is_file() for name in MNIST_FILES):

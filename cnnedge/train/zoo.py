@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from cnnedge.errors import CnnedgeError, ExitCode
-from cnnedge.report import fmt_shape
 
 
 @dataclass(frozen=True)
@@ -413,6 +412,8 @@ class LayerCheck:
     onnx_checked: bool = False
 
     def problems(self) -> list[str]:
+        from cnnedge.report import fmt_shape  # rich and numpy: not on the refusal path of `train --arch`
+
         doc, got = self.documented, self.measured
         if doc is None:
             return ["layer not in the documented table"]
