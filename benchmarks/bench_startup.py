@@ -42,7 +42,7 @@ import sys, time
 t = [time.perf_counter()]
 import cnnedge.cli  # typer, the command definitions
 t.append(time.perf_counter())
-from cnnedge.infer.predict import run, render_table, summarise  # Predictor, preprocessing, cv2, numpy
+from cnnedge.infer.predict import run, render_table, summarise  # cv2, numpy: the inputs are checked first
 t.append(time.perf_counter())
 import onnxruntime  # noqa: F401
 t.append(time.perf_counter())
@@ -59,8 +59,8 @@ import contextlib, io
 with contextlib.redirect_stdout(io.StringIO()):
     render_table(predictions, summarise(predictions, predictor.class_names, 0.01), "m", "cpu", 3)
 t.append(time.perf_counter())
-names = ["import cnnedge.cli (typer)", "import the predict module (cv2, numpy, rich)", "import onnxruntime",
-         "Predictor: load the model", "read and preprocess the image", "predict_iter (again: pool, network)",
+names = ["import cnnedge.cli (typer)", "import the predict command (cv2, numpy)", "import onnxruntime",
+         "Predictor: preprocessing, runtime, the model", "read and preprocess the image", "predict_iter (again: pool, network)",
          "render the table (rich)"]
 print({n: round(b - a, 4) for n, a, b in zip(names, t, t[1:])})
 """

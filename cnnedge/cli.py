@@ -140,6 +140,8 @@ def train(
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
     """Train a network and write a checkpoint, its metrics JSON and plots."""
+    torchvision = download or not (dataset == "mnist" or dataset.startswith("imagefolder:"))  # MNIST: numpy reads it
+    needs_torch("train", *(["matplotlib"] if plots else []), *(["torchvision"] if torchvision else []))
     from cnnedge.train.options import check_hparams, check_train  # torch-free: refusals before torch's start-up
 
     hparams = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
@@ -148,8 +150,6 @@ def train(
     check_hparams(hparams)
     check_train(arch, dataset, str(data_dir) if data_dir else None, download, str(out), resume,
                 str(from_checkpoint) if from_checkpoint else None, freeze_backbone)
-    torchvision = download or not (dataset == "mnist" or dataset.startswith("imagefolder:"))  # MNIST: numpy reads it
-    needs_torch("train", *(["matplotlib"] if plots else []), *(["torchvision"] if torchvision else []))
     from cnnedge.train.trainer import TrainConfig, run
 
     run(TrainConfig(arch=arch, dataset=dataset, data_dir=str(data_dir) if data_dir else None, out=str(out),
@@ -232,11 +232,11 @@ def summary(
     num_classes: int = typer.Option(10, help="Classes of the head (tables are documented for 10)."),
 ) -> None:
     """List the model zoo, or check one architecture's real module against its documented table."""
+    needs_torch("summary")
     from cnnedge.train.zoo import get_arch, print_summary  # the registry is torch-free
 
     if arch is not None:
         get_arch(arch)
-    needs_torch("summary")
 
     print_summary(arch, num_classes)
 
@@ -256,13 +256,13 @@ def export(
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
     """Export a checkpoint to ONNX, verified layer by layer and against PyTorch, with embedded metadata."""
+    needs_torch("export")
     from cnnedge.train.options import ExportConfig, check_export  # torch-free: refusals before torch's start-up
 
     config = ExportConfig(checkpoint=str(checkpoint), out=str(out) if out else None, opset=opset,
                           quantize=tuple(q.value for q in quantize or ()), calibration_images=calibration_images,
                           data_dir=str(data_dir) if data_dir else None, force=force, threads=threads)
     check_export(config)
-    needs_torch("export")
     from cnnedge.train.export import run
 
     run(config)
@@ -279,6 +279,7 @@ def inspect(
     out: Optional[Path] = typer.Option(None, help="Folder for the PNGs [default: <checkpoint stem>_inspect beside it]."),
 ) -> None:
     """Filters of a conv layer as a PNG grid, and what they do to an image (cv2.filter2D vs the network)."""
+    needs_torch("inspect")
     from cnnedge.train.checkpoint import check_checkpoint_file  # torch-free: refusals before torch's start-up
 
     check_checkpoint_file(checkpoint)
@@ -290,7 +291,6 @@ def inspect(
             read_image(image)
         except ImageError as e:
             raise CnnedgeError(f"{image}: {e}") from None
-    needs_torch("inspect")
     from cnnedge.report import console
     from cnnedge.train.inspect import inspect as run_inspect
 

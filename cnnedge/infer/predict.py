@@ -10,13 +10,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.infer.files import collect_inputs, printable, quiet_native_stderr, shown_path
-from cnnedge.infer.predictor import Prediction, Predictor
 from cnnedge.metrics import classification_report, confusion_matrix
+
+if TYPE_CHECKING:  # the Predictor (preprocessing, the runtime) loads once the inputs are known to exist
+    from cnnedge.infer.predictor import Prediction
 
 GRID_MAX = 400  # images in a --grid picture (20 x 20 rows of 28x28 inputs at 3x: about 1 MB)
 
@@ -160,6 +163,8 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
         raise CnnedgeError(f"--save-crops {save_crops}: exists and is not a folder")
     if grid is not None and (Path(grid).suffix.lower() != ".png" or Path(grid).is_dir()):
         raise CnnedgeError(f"--grid {grid}: give a .png file to write")
+
+    from cnnedge.infer.predictor import Predictor
 
     predictor = Predictor(model, provider, batch_size=batch_size, workers=workers, topk=topk, gallery=gallery,
                           metric=metric, runtime=runtime, inputs=grid is not None, threads=threads)

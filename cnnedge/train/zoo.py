@@ -224,6 +224,8 @@ LENET_DROPOUT_TABLE = (
 # The seed puts it "after fc2" for the reason that fully connected layers have more nodes; after the 10 logits
 # it would drop class scores, so it goes after fc1's 50 units, where the classic PyTorch MNIST example has it.
 def build_lenet_dropout2(num_classes: int = 10) -> nn.Sequential:
+    from torch import nn
+
     layers = list(build_lenet_dropout(num_classes).named_children())
     at = [name for name, _ in layers].index("relu3") + 1
     return _seq(*layers[:at], ("fc1_drop", nn.Dropout(0.5)), *layers[at:])
