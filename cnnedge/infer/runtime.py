@@ -47,9 +47,10 @@ SHORT_NAMES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "
 # path: 0.8x fp32 with it, 1.8x without (benchmarks/bench_int8.py). Graphs without QDQ nodes are unaffected.
 DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
 # int8 on the CPU runs a batch as `threads` slices at once, each in one thread, instead of one call across
-# `threads` intra-op threads: onnxruntime's integer convolutions gain 1.4x from a second thread where its
-# float ones gain 2.1x, so int8 was only 1.1-1.25x fp32 on two cores (1.9x on one). Smaller batches than
-# SLICE * threads are not split (below it the hand-off costs more than the second core gives).
+# `threads` intra-op threads: onnxruntime's integer convolutions gain about 1.45x from a second intra-op
+# thread where its float ones gain 1.9-2.1x, so int8 was 1.1-1.5x fp32 on two cores; as two slices it is
+# 1.62x at batch 64 and 1.87x at 256 (benchmarks/bench_int8.py). Batches smaller than 2 * SLICE are not
+# split (below it the hand-off to the other thread costs more than the second core gives).
 SLICE = 8
 
 
