@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
+from cnnedge.atomic import sync_folder, write_unsynced
 from cnnedge.errors import CnnedgeError, ImageError
 from cnnedge.infer.files import read_image, scan_folder
 from cnnedge.infer.gallery import Gallery
@@ -223,6 +224,8 @@ class Predictor:
                 if on_batch is not None:
                     on_batch(len(buffered))
                 buffered, ready = [], 0
+        if save_crops is not None:
+            sync_folder(save_crops)  # once for the folder, not once per crop
 
     def _infer(self, buffered: list[tuple], k: int, start: int, save_crops) -> list[Prediction]:
         good = [i for i, b in enumerate(buffered) if b[1] is not None]
@@ -268,14 +271,10 @@ class Predictor:
 
 
 def _save_crop(folder: Path, index: int, path: str | None, label: str, x: np.ndarray) -> None:
-    from cnnedge.atomic import write_bytes
-
+    """Debugging output, thousands of small files: each is renamed into place whole, without an fsync of its
+    own (that made --save-crops 19x slower); the folder is synced once at the end of the run."""
     stem = re.sub(r"[^\w.-]+", "_", Path(path).stem)[:60] if path else "array"
     ok, png = cv2.imencode(".png", np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8))
     safe_label = re.sub(r"[^\w.-]+", "_", label)
-    target = folder / f"{index:06d}_{stem}_pred-{safe_label}.png"
-    try:
-        if ok:
-            write_bytes(target, png.tobytes())
-    except OSError as e:
-        raise CnnedgeError(f"--save-crops {folder}: cannot write {target.name} ({e.strerror or e})") from None
+    if ok:
+        write_unsynced(folder / f"{index:06d}_{stem}_pred-{safe_label}.png", png.tobytes())
