@@ -14,6 +14,8 @@ import contextlib
 import ctypes
 import os
 import re
+import threading
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -22,8 +24,8 @@ import onnxruntime as ort
 
 from cnnedge.choices import PROVIDERS
 from cnnedge.errors import CnnedgeError
-from cnnedge.infer.files import captured_output
-from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
+from cnnedge.infer.files import captured_output, describe_file
+from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, check_export_set, file_sha256
 
 ORT_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -36,6 +38,9 @@ SHORT_NAMES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "
 # path: 0.8x fp32 with it, 1.8x without (benchmarks/bench_int8.py). Graphs without QDQ nodes are unaffected.
 DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
 MAX_MODEL_BYTES = 1 << 30  # larger files are refused before parsing (onnx's protobuf limit is 2 GiB)
+# One batch of a small CNN takes milliseconds, seconds on the slowest device; a graph still running after this
+# is stopped (a hostile model: a Loop of 10^15 iterations would never return).
+RUN_TIME_LIMIT = 60.0
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -77,6 +82,48 @@ def _gpu_driver_problem() -> str | None:
     return None
 
 
+class _Watchdog:
+    """Stops session.run calls that outlive their deadline: onnxruntime checks RunOptions.terminate between
+    nodes, loop iterations included. One daemon thread per process, started by the first run; a run costs a
+    RunOptions and two dict operations (under a microsecond)."""
+
+    def __init__(self):
+        self.running: dict[int, tuple[ort.RunOptions, float]] = {}
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self, limit: float) -> ort.RunOptions:
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # the "terminate flag" error is reported by us, in one line
+        self.running[id(options)] = (options, time.monotonic() + limit)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._watch, name="cnnedge-watchdog", daemon=True)
+                    self._thread.start()
+        return options
+
+    def done(self, options: ort.RunOptions) -> None:
+        self.running.pop(id(options), None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, RUN_TIME_LIMIT / 4))
+            now = time.monotonic()
+            for options, deadline in list(self.running.values()):
+                if now > deadline:
+                    options.terminate = True
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _ort_message(e: Exception, limit: int | None = 200) -> str:
+    """onnxruntime's message on one line, without its "[ONNXRuntimeError] : 1 : FAIL : " prefix."""
+    first = " ".join(str(e).split())
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)[:limit]
+
+
 class Runtime:
     """One onnxruntime session on a cnnedge ONNX model, tuned for throughput, with its metadata."""
 
@@ -114,14 +161,20 @@ class Runtime:
             raise CnnedgeError(f"{p}: empty model file")
         if size > MAX_MODEL_BYTES:
             raise CnnedgeError(f"{p}: {size:,} bytes is over the {MAX_MODEL_BYTES:,}-byte model limit")
+        check_export_set(p, lambda: self.sha256)  # a model its export report beside it does not list: refused
 
     def _session(self, options, providers):
         try:
             return ort.InferenceSession(str(self.path), sess_options=options, providers=providers,
                                         disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as e:  # onnxruntime raises its own exception types for malformed files
-            first = " ".join(str(e).split())
-            first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+            first = _ort_message(e, limit=None)
+            kind = describe_file(self.path)
+            if kind == "a PyTorch checkpoint":
+                raise CnnedgeError(f"{self.path}: a PyTorch checkpoint, not an ONNX model; export it first: "
+                                   f"cnnedge export {self.path}") from None
+            if kind not in (None, "an ONNX model"):
+                raise CnnedgeError(f"{self.path}: not a loadable ONNX model ({kind}; export one with `cnnedge export`)") from None
             if re.search(r"escapes model directory|absolute path", first, re.IGNORECASE):
                 # onnxruntime >= 1.24 checks where external weights live before opening anything:
                 # only inside the model's folder (no absolute paths, no "..", no symlinks leading out).
@@ -174,6 +227,10 @@ class Runtime:
         if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], self.info.input_shape)):
             raise CnnedgeError(f"{self.path}: graph input {shape} disagrees with the metadata's input_shape "
                                f"{list(self.info.input_shape)}")
+        logits = self.output_shapes[LOGITS_NAME]
+        if len(logits) != 2 or (isinstance(logits[1], int) and logits[1] != len(self.class_names)):
+            raise CnnedgeError(f"{self.path}: graph output {LOGITS_NAME} {logits} disagrees with the "
+                               f"{len(self.class_names)} class names of its metadata")
         self.input_dtype = np.float16 if inputs[INPUT_NAME].type == "tensor(float16)" else np.float32
 
     # ------------------------------------------------------------------------------------ running
@@ -203,9 +260,29 @@ class Runtime:
         return ((x - self._mean) * self._inv_std).astype(self.input_dtype, copy=False)
 
     def run(self, x: np.ndarray, outputs: tuple[str, ...] = (LOGITS_NAME,)) -> list[np.ndarray]:
+        """The named outputs for a batch. A model that fails, runs past RUN_TIME_LIMIT, gives another number
+        of rows or classes than it should, or NaN/infinity, is a one-line CnnedgeError: an untrusted model
+        gets no further than this."""
         if len(x) == 0:
             return [np.zeros((0, 0), np.float32) for _ in outputs]
-        return self.session.run(list(outputs), {INPUT_NAME: self.normalise(x)})
+        feed = {INPUT_NAME: self.normalise(x)}
+        options = _WATCHDOG.start(RUN_TIME_LIMIT)
+        try:
+            results = self.session.run(list(outputs), feed, options)
+        except Exception as e:
+            if options.terminate:
+                raise CnnedgeError(f"{self.path}: stopped after {RUN_TIME_LIMIT:g} s on a batch of {len(x)} "
+                                   f"image(s): the model does not finish (a broken or hostile graph)") from None
+            raise CnnedgeError(f"{self.path}: the model failed to run ({_ort_message(e)})") from None
+        finally:
+            _WATCHDOG.done(options)
+        for name, value in zip(outputs, results):
+            if len(value) != len(x) or (name == LOGITS_NAME and (value.ndim != 2 or value.shape[1] != len(self.class_names))):
+                raise CnnedgeError(f"{self.path}: output {name} has shape {list(value.shape)} for {len(x)} image(s) and "
+                                   f"{len(self.class_names)} classes: the graph disagrees with its metadata")
+            if not np.isfinite(value).all():
+                raise CnnedgeError(f"{self.path}: output {name} holds NaN or infinite values: a broken or hostile model")
+        return results
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.run(x)[0], dtype=np.float32)
