@@ -16,6 +16,7 @@ naming the file, and the old file is kept.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import stat
@@ -30,6 +31,7 @@ MARKER = "cnnedge"
 # What temp_beside creates: mkstemp's random part is 8 characters of [a-z0-9_].
 _TEMP_NAME = re.compile(rf"\.(?P<name>.+)\.{MARKER}\.(?P<pid>\d+)\.[a-z0-9_]{{8}}\.tmp(?P<suffix>\.\w+)?")
 _swept: set[Path] = set()  # folders this process has already cleaned
+_numbers = itertools.count()  # write_unsynced's temp names: unique in this process, 8 hex digits as mkstemp's
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -230,15 +232,39 @@ def stage(path: str | os.PathLike, data: bytes) -> Path:
     return tmp
 
 
-def write_unsynced(path: str | os.PathLike, data: bytes) -> None:
+def prepare_folder(folder: str | os.PathLike) -> None:
+    """Create `folder` (and its parents) for many write_unsynced files, and clean it of stale temp files."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(folder, e) from None
+    _sweep(Path(os.path.abspath(folder)))
+
+
+def write_unsynced(path: str, data: bytes) -> None:
     """A whole file under its final name (temp file, then rename) without an fsync: for many small files of
     debugging output (`predict --save-crops`), where an fsync per file would cost far more than the work.
     A crash of cnnedge never leaves half a file under its name; a power cut may lose the last ones written
-    (sync_folder once at the end makes the names durable)."""
-    fd, tmp = _open_temp(Path(path))
+    (sync_folder once at the end makes the names durable). The folder must exist (prepare_folder)."""
+    folder, name = os.path.split(path)
+    for _ in range(3):  # a name left by a writer with this pid, long ago: take the next number
+        tmp = os.path.join(folder, f".{name}.{MARKER}.{os.getpid()}.{next(_numbers) % 16**8:08x}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the user's umask applies
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise cannot_write(path, e) from None
+    else:
+        raise cannot_write(path, FileExistsError(errno.EEXIST, "temp file names taken"))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
         with suppress(OSError):

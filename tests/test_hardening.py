@@ -664,6 +664,12 @@ def test_save_crops_writes_whole_files_without_an_fsync_each(tmp_path, cnnedge, 
     assert len(syncs) <= 1  # the folder, once (it was 2 per crop: 44)
 
 
+def test_save_crops_on_a_full_disk_is_one_line(small_disk, cnnedge):
+    disk = small_disk(16)  # room for a few crops (a page each), not 22
+    line = one_line(cnnedge("predict", "samples/", "--save-crops", disk / "crops"), 2, "cannot write", "No space left")
+    assert "crops/" in line and not [p for p in (disk / "crops").iterdir() if p.name.startswith(".")]  # no temp left
+
+
 # ------------------------------------------------------------------------------ 13. messages
 
 
