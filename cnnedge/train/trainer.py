@@ -364,11 +364,24 @@ def resume_point(out: Path) -> tuple[Path, dict]:
     return source, resumed
 
 
+def _written_by(out: Path, resumed: dict) -> bool:
+    """Whether the checkpoint in `out` is the end of the run `resumed` is part of (the same epochs so far)."""
+    if not os.path.lexists(out):
+        return False
+    try:
+        finished = load_checkpoint(out)
+    except CnnedgeError:
+        return False
+    history = resumed["history"]
+    return bool(finished.get("complete")) and finished.get("history", [])[: len(history)] == history
+
+
 def _run(config: TrainConfig, command: str | None, dist: Distributed, device: torch.device) -> dict | None:
     out = Path(config.out)
     partial = partial_path(out)
     command = command or shlex.join(["cnnedge", *sys.argv[1:]])
-    say = console.print if dist.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
+    # Rank 0 alone logs; lines name paths, which are shown escaped and never read as rich markup.
+    say = (lambda text: console.print(printable(text), markup=False)) if dist.main else (lambda text: None)
     resumed = source = None
     if config.resume:
         if config.force:
@@ -542,10 +555,11 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
 
     if not dist.main:
         return None
-    # The finished model replaces an existing --out only if the run was started with --force (or resumes one
-    # that an older cnnedge kept in --out itself); else it is published only if nobody wrote --out meanwhile.
+    # The finished model replaces an existing --out only if the run was started with --force, or if --out is
+    # this run's own (an older cnnedge kept the run there; a kill came after it was written, before the
+    # partial file was removed); else it is published only if nobody wrote --out meanwhile.
     metrics = finish(model, data, run_info, history, mean_t, std_t, hp, device, out, val_idx, config.plots,
-                     overwrite=config.force or source == out)
+                     overwrite=config.force or source == out or (resumed is not None and _written_by(out, resumed)))
     if source != out:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)  # cnnedge wrote it; the finished model in --out replaces it
