@@ -6,6 +6,8 @@
    through `Predictor`, against the per-image loop most PyTorch code uses: PIL open + torchvision
    transforms + the same checkpoint in eager mode. Goals: >= 3,000 images/s and >= 5x the loop.
 2. 640x480 phone-photo-like JPEGs (synthetic pen on paper) through `Predictor`: images/s.
+3. `--save-crops`: the 10,000 PNGs of [1] again, writing every 28x28 network input as a PNG, against the
+   same run without it. Goal: at most 1.5x the time (an fsync per crop made it 19x).
 
 Both read files from a temporary folder that the OS has cached (each run is preceded by a warm-up).
 Accuracy is printed too, so a fast but wrong pipeline cannot look good.
@@ -75,6 +77,20 @@ def time_predictor(predictor: Predictor, paths: list[str], repeats: int) -> tupl
     return best, np.array([p.index if p.index is not None else -1 for p in preds])
 
 
+def time_save_crops(predictor: Predictor, paths: list[str], folder: Path, repeats: int) -> tuple[float, float]:
+    """(best seconds without crops, best seconds writing a crop per image into `folder`), runs interleaved."""
+    plain, crops = float("inf"), float("inf")
+    for i in range(repeats):
+        t = time.perf_counter()
+        list(predictor.predict_iter(paths))
+        plain = min(plain, time.perf_counter() - t)
+        target = folder / f"run{i}"
+        t = time.perf_counter()
+        list(predictor.predict_iter(paths, save_crops=target))
+        crops = min(crops, time.perf_counter() - t)
+    return plain, crops
+
+
 def time_torch_loop(checkpoint: str, paths: list[str], n: int) -> tuple[float, np.ndarray]:
     import torch
     from PIL import Image
@@ -133,6 +149,10 @@ def main() -> None:
         print(f"    PIL + torchvision + PyTorch eager, one image at a time: {n:,} images in {t_seconds:.2f} s = "
               f"{t_rate:,.0f} images/s, accuracy {100 * np.mean(t_preds == labels[:n]):.2f}%")
         print(f"    speed-up: {rate / t_rate:.1f}x   (goals: >= 3,000 images/s, >= 5x)")
+
+        plain, crops = time_save_crops(predictor, paths, tmp / "crops", args.repeats)
+        print(f"\n[3] the same {len(paths):,} PNGs with --save-crops: {crops:.2f} s against {plain:.2f} s without "
+              f"= {crops / plain:.2f}x   (goal: <= 1.5x)")
 
         photos, photo_labels = photo_jpegs(tmp / "photos", args.photos)
         seconds, preds = time_predictor(predictor, photos, max(1, args.repeats - 1))

@@ -25,7 +25,6 @@ Without onnxruntime (32-bit ARM boards) the OpenCV rows run alone.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
@@ -854,7 +853,7 @@ def render_markdown(doc: dict) -> str:
 
 def main(cfg: BenchConfig, fmt: str = "table") -> int:
     """The `cnnedge bench` command."""
-    from cnnedge.report import err_console
+    from cnnedge.report import err_console, to_json
 
     if err_console.is_terminal:  # a minute of measuring: say what is running
         with err_console.status("bench") as status:
@@ -863,7 +862,7 @@ def main(cfg: BenchConfig, fmt: str = "table") -> int:
         doc = run(cfg)
     doc["command"] = "cnnedge " + shlex.join(sys.argv[1:])
     if fmt == "json":
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        sys.stdout.write(to_json(doc) + "\n")
     elif fmt == "markdown":
         sys.stdout.write(render_markdown(doc))
     else:

@@ -39,12 +39,23 @@ RUNTIME_HELP = ("What runs the network: onnxruntime, or opencv (OpenCV DNN, CPU 
 
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and a documented exit code."""
+    _check_standard_streams()
+    stdout = sys.stdout
+    sys.stdout = _Stdout(stdout)
+    try:
+        _main()
+    finally:
+        sys.stdout = stdout  # for callers in the same process (tests)
+
+
+def _main() -> None:
     # Click's exception types, wherever this Typer keeps them (its own copy of click, or click itself).
     usage_error = typer.BadParameter.__mro__[1]
     ClickException = usage_error.__mro__[1]
     NoArgsIsHelpError = getattr(sys.modules[usage_error.__module__], "NoArgsIsHelpError", ())
     try:
         code = app(prog_name="cnnedge", standalone_mode=False)
+        sys.stdout.flush()  # here, not at exit, so that a full disk behind stdout is reported like any error
     except NoArgsIsHelpError as e:  # `cnnedge` alone: the help, as a usage error
         print(e.ctx.get_help() if e.ctx else e.format_message(), file=sys.stderr)
         code = ExitCode.USAGE
@@ -52,7 +63,7 @@ def main() -> None:
         ctx = getattr(e, "ctx", None)
         command = f" {ctx.command.name}" if ctx is not None and ctx.parent is not None else ""
         message = e.format_message().replace("Value error, ", "")  # pydantic's prefix on a wrong choice
-        _fail(f"{message} (see `cnnedge{command} --help`)", ExitCode.USAGE)
+        _fail(f"{' '.join(message.split())} (see `cnnedge{command} --help`)", ExitCode.USAGE)
     except CnnedgeError as e:
         _fail(str(e), e.code)
     except (KeyboardInterrupt, typer.Abort):
@@ -62,23 +73,77 @@ def main() -> None:
     except Exception as e:  # a bug: still no traceback unless asked for
         if os.environ.get("CNNEDGE_DEBUG", "") not in ("", "0"):
             raise
-        _fail(f"internal error: {type(e).__name__}: {e} (rerun with CNNEDGE_DEBUG=1 for the traceback)", ExitCode.INTERNAL)
+        _fail(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+              f"(rerun with CNNEDGE_DEBUG=1 for the traceback)", ExitCode.INTERNAL)
     sys.exit(int(code or 0))
 
 
 def _fail(message: str, code: int) -> None:
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
-        first_line = " ".join(message.split())  # one line, whatever the exception carried
-        print(f"error: {first_line}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0" and sys.stderr is not None:  # under torchrun, rank 0 alone speaks
+        if not message.isprintable():  # a file name with ESC or a newline in it: shown escaped, on one line
+            from cnnedge.infer.files import printable
+
+            message = printable(message)
+        try:
+            print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        except OSError:  # stderr itself is gone: the exit code still says it
+            pass
     sys.exit(code)
 
 
-def _broken_pipe() -> None:
-    # Python would complain again when it flushes stdout at exit: point it at /dev/null first.
+def _check_standard_streams() -> None:
+    """`cnnedge ... >&-` starts without file descriptor 1: the next file opened would get it, and the results
+    would be written into that file (a model, a checkpoint). Refuse before opening anything. A closed stdin or
+    stderr is put on /dev/null for the same reason (native libraries write their logs to fd 2)."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+            closed.append(fd)
+    if 1 in closed or sys.stdout is None:
+        _fail("standard output is closed; redirect it to a file or to /dev/null", ExitCode.USAGE)
+
+
+class _Stdout:
+    """sys.stdout, with its write errors made reportable. A full disk or /dev/full behind it becomes a one-line
+    error (an OSError from anywhere else is a file cnnedge writes, or a bug). A broken pipe stays a
+    BrokenPipeError but without an errno: click turns an EPIPE OSError into exit code 1, which cnnedge
+    reserves for "some inputs failed"; main exits 141 instead, as a shell reports a reader that left."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _call(self, method: str, *args):
+        try:
+            return getattr(self._stream, method)(*args)
+        except BrokenPipeError:
+            raise BrokenPipeError("standard output's reader has gone") from None
+        except OSError as e:
+            _discard_stdout()
+            raise CnnedgeError(f"cannot write to standard output: {e.strerror or e}") from None
+
+    def write(self, text: str) -> int:
+        return self._call("write", text)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _discard_stdout() -> None:
+    # Python would try to flush stdout again at exit and complain: point it at /dev/null first.
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    except OSError:
         pass
+
+
+def _broken_pipe() -> None:
+    _discard_stdout()
     sys.exit(ExitCode.BROKEN_PIPE)
 
 
@@ -112,8 +177,15 @@ def command(**kwargs):
 # ----------------------------------------------------------------------------------------------- train
 
 
+# What an interrupted run was started with: `--resume` continues it as it was, so these cannot change.
+RESUME_FIXED = ("arch", "dataset", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule",
+                "loss", "label_smoothing", "augment", "seed", "val_fraction", "limit", "from_checkpoint",
+                "freeze_backbone", "plots")
+
+
 @command()
 def train(
+    ctx: typer.Context,
     arch: str = typer.Option("edgenet", help="Architecture from `cnnedge summary`."),
     dataset: str = typer.Option("mnist", help="mnist, qmnist, fashion-mnist, kmnist, or imagefolder:PATH."),
     data_dir: Optional[Path] = typer.Option(None, help="Dataset root [default: $CNNEDGE_DATA, else ~/.cache/cnnedge]."),
@@ -131,8 +203,9 @@ def train(
     seed: int = typer.Option(0, help="Seed: the same seed and --threads on CPU give the same metrics."),
     val_fraction: Optional[float] = typer.Option(None, help="Fraction of the training set held out for validation [default: 0.05; 0 with --from when the dataset has a test split]."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N training images (quick checks)."),
-    out: Path = typer.Option(Path("models/cnn.pt"), help="Checkpoint to write (with .metrics.json and plots beside it)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved at --out."),
+    out: Path = typer.Option(Path("models/cnn.pt"), help="Checkpoint to write when training ends (with .metrics.json and plots beside it); completed epochs go to <stem>.partial.pt until then."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of --out (from <stem>.partial.pt), with the options it was started with."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out, its metrics and plots (without it they are refused, as by export)."),
     download: bool = typer.Option(False, "--download", help="Download the dataset if missing (needs internet)."),
     from_checkpoint: Optional[Path] = typer.Option(None, "--from", help="Fine-tune this checkpoint: new head for the dataset's classes; unset options come from the fine-tuning recipe (docs/training.md)."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="With --from: train only the new head."),
@@ -142,12 +215,21 @@ def train(
     """Train a network and write a checkpoint, its metrics JSON and plots."""
     torchvision = download or not (dataset == "mnist" or dataset.startswith("imagefolder:"))  # MNIST: numpy reads it
     needs_torch("train", *(["matplotlib"] if plots else []), *(["torchvision"] if torchvision else []))
-    from cnnedge.train.options import check_hparams, check_train  # torch-free: refusals before torch's start-up
+    from cnnedge.train.options import check_hparams, check_outputs, check_run, check_train  # torch-free: fails fast
 
     hparams = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                    weight_decay=weight_decay, schedule=schedule, loss=loss, label_smoothing=label_smoothing,
                    augment=augment)
-    check_hparams(hparams)
+    check_hparams({k: v for k, v in hparams.items() if v is not None})
+    check_run(limit, seed, val_fraction)
+    if resume:
+        given = [next(p.opts[0] for p in ctx.command.params if p.name == name) for name in RESUME_FIXED
+                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        if given:
+            raise CnnedgeError(f"--resume continues the interrupted run with the options it was started with: "
+                               f"{', '.join(given)} cannot change (train into a new --out to change them)")
+    else:
+        check_outputs(out, force)
     check_train(arch, dataset, str(data_dir) if data_dir else None, download, str(out), resume,
                 str(from_checkpoint) if from_checkpoint else None, freeze_backbone)
     from cnnedge.train.trainer import TrainConfig, run
@@ -155,13 +237,13 @@ def train(
     run(TrainConfig(arch=arch, dataset=dataset, data_dir=str(data_dir) if data_dir else None, out=str(out),
                     device=device, seed=seed, val_fraction=val_fraction, limit=limit, download=download, resume=resume,
                     from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
-                    freeze_backbone=freeze_backbone, plots=plots, hparams=hparams, threads=threads))
+                    freeze_backbone=freeze_backbone, plots=plots, hparams=hparams, force=force, threads=threads))
 
 
 # ----------------------------------------------------------------------------------------------- sweep
 
 # The sweep sets these itself for each trial; every other train option takes one or more values there.
-NOT_SWEPT = ("out", "resume", "download", "plots", "seed", "force")
+NOT_SWEPT = ("ctx", "out", "resume", "download", "plots", "seed", "force")
 
 
 def _sweepable():
@@ -248,7 +330,7 @@ def summary(
 def export(
     checkpoint: Path = typer.Argument(..., help="A cnnedge checkpoint (.pt), e.g. models/cnn.pt."),
     out: Optional[Path] = typer.Option(None, help="ONNX file to write [default: export/<checkpoint stem>.onnx]; the report goes beside it as .json."),
-    opset: int = typer.Option(18, help="ONNX opset (17 or newer)."),
+    opset: int = typer.Option(18, help="ONNX opset: 17 up to the newest the installed onnxruntime runs (26 for onnxruntime 1.31)."),
     quantize: Optional[list[QuantizeOption]] = typer.Option(None, help="Also write this variant beside --out (cnn.fp16.onnx, cnn.int8.onnx); repeat for both. The fp32 model is always written."),
     calibration_images: int = typer.Option(1000, help="Training images that calibrate --quantize int8."),
     data_dir: Optional[Path] = typer.Option(None, help="Dataset root for parity and accuracy [default: $CNNEDGE_DATA, else ~/.cache/cnnedge]."),
@@ -283,14 +365,14 @@ def inspect(
     from cnnedge.train.checkpoint import check_checkpoint_file  # torch-free: refusals before torch's start-up
 
     check_checkpoint_file(checkpoint)
-    if image is not None:
-        from cnnedge.errors import ImageError
-        from cnnedge.infer.files import read_image
+    from cnnedge.errors import ImageError
+    from cnnedge.infer.files import printable, read_image
 
+    if image is not None:
         try:
             read_image(image)
         except ImageError as e:
-            raise CnnedgeError(f"{image}: {e}") from None
+            raise CnnedgeError(f"{printable(str(image))}: {e}") from None
     from cnnedge.report import console
     from cnnedge.train.inspect import inspect as run_inspect
 
@@ -298,7 +380,7 @@ def inspect(
     if difference is not None:
         console.print(f"cv2.filter2D reproduces the network's layer output to within {difference:.1e}")
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {printable(str(path))}", markup=False)
 
 
 # ---------------------------------------------------------------------------------------------- pixels

@@ -1,7 +1,8 @@
-"""Rich tables shared by the commands (torch-free)."""
+"""Rich consoles and tables shared by the commands, warnings, and strict JSON (torch-free)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -13,15 +14,50 @@ from rich.table import Table
 
 from cnnedge.metrics import per_class_accuracy
 
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits with code 1 here, which cnnedge reserves for "some inputs failed": hand the broken pipe
+        # to cnnedge.cli.main, which exits 141 without a word. No errno: click would turn it into exit 1 too.
+        self.quiet = True
+        raise BrokenPipeError("standard output's reader has gone")
+
+
 # Piped output (CI logs, tests) gets wide tables instead of rich's 80-column default.
-_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-console = Console(highlight=False, width=_WIDTH)
-err_console = Console(stderr=True, highlight=False, width=_WIDTH)
+_WIDTH = None if (sys.stdout is not None and sys.stdout.isatty()) or os.environ.get("COLUMNS") else 160
+console = _Console(highlight=False, width=_WIDTH)
+err_console = _Console(stderr=True, highlight=False, width=_WIDTH)
 
 
 def warn(message: str) -> None:
-    """One line on stderr: bad inputs that are skipped while the rest of a batch runs."""
+    """One line on stderr: bad inputs that are skipped while the rest of a batch runs. Control characters
+    (in a file name) are escaped: they can neither split the line nor act on the terminal."""
+    if not message.isprintable():
+        from cnnedge.infer.files import printable
+
+        message = printable(message)
     err_console.print(f"warning: {message}", markup=False, soft_wrap=True)
+
+
+def to_json(doc, indent: int | None = 2) -> str:
+    """A JSON document that any strict parser reads: NaN and infinities (a diverged loss, a metric of an
+    empty class) become null, as JSON has no such numbers."""
+    try:
+        return json.dumps(doc, indent=indent, allow_nan=False)
+    except ValueError:  # rare: only then walk the document
+        return json.dumps(_finite(doc), indent=indent, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        return _finite(value.item())
+    return value
 
 
 def fmt_shape(shape) -> str:

@@ -140,3 +140,29 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Folders on a tmpfs of the given size, a full disk on demand: `small_disk(kib)` -> the mounted folder
+    (`read_only=True`: a read-only file system). Mounting needs root (CI runs as root); elsewhere the test
+    skips and says why."""
+    mounted = []
+
+    def mount(kib: int, read_only: bool = False) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        options = f"size={kib}k" + (",ro" if read_only else "")
+        try:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                               capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no mount command here to make a small tmpfs (a full disk)")
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a {kib} KiB tmpfs to fill a disk here ({(r.stderr or r.stdout).strip()[:120]})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -3,6 +3,7 @@ last completed epoch; SIGTERM abandons the epoch in progress, keeps the last che
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,8 +17,10 @@ from pathlib import Path
 import onnx
 import pytest
 
+from cnnedge.errors import CnnedgeError
 from cnnedge.train.checkpoint import load_checkpoint
 from cnnedge.infer.modelinfo import ModelInfo
+from cnnedge.infer.runtime import Runtime
 from conftest import ROOT, assert_one_line_error
 
 EPOCHS = 60
@@ -104,13 +107,20 @@ def test_sweep_removes_only_temp_files_of_writers_that_are_gone(tmp_path):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(finished.stdout)
     names = {
-        f".cnn.pt.{dead}.k2j4x_9a.tmp": False,  # its writer was killed: removed
-        f".clip.mp4.{dead}.abcdefgh.tmp.mp4": False,  # a video temp (the writer needs the extension)
-        f".cnn.pt.{os.getpid()}.abcdefgh.tmp": True,  # a writer that is still running (this test)
+        f".cnn.pt.cnnedge.{dead}.k2j4x_9a.tmp": False,  # its writer was killed: removed
+        f".clip.mp4.cnnedge.{dead}.abcdefgh.tmp.mp4": False,  # a video temp (the writer needs the extension)
+        f".cnn.pt.cnnedge.{os.getpid()}.abcdefgh.tmp": True,  # a writer that is still running (this test)
         ".notes.txt": True, "cnn.pt.tmp": True, f".cnn.pt.{dead}.tmp": True,  # not our pattern: never touched
+        # Files of the user's that merely look like temp files are never touched either (issue 14):
+        ".thesis.2024.draft.tmp": True, f".cnn.pt.{dead}.k2j4x_9a.tmp": True,  # no cnnedge marker
+        f".clip.mp4.cnnedge.{dead}.abcdefgh.tmp.txt": True,  # not the target's own suffix
+        f".cnn.pt.cnnedge.{dead}.abcdefghij.tmp": True,  # not mkstemp's 8 characters
+        f"cnn.pt.cnnedge.{dead}.abcdefgh.tmp": True,  # not hidden
     }
     for name in names:
         (tmp_path / name).write_text("x")
+    os.mkdir(tmp_path / f".dir.cnnedge.{dead}.abcdefgh.tmp")  # a folder: never removed
+    names[f".dir.cnnedge.{dead}.abcdefgh.tmp"] = True
     subprocess.run([sys.executable, "-c", "from cnnedge.atomic import write_text; import sys; write_text(sys.argv[1], 'x')",
                     str(tmp_path / "cnn.json")], cwd=ROOT, check=True)
     for name, kept in names.items():
@@ -133,12 +143,12 @@ def test_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
 
 
 def test_sigkill_during_training_then_resume_continues_from_the_last_completed_epoch(tmp_path, greek_dir):
-    out = tmp_path / "cnn.pt"
+    out, partial = tmp_path / "cnn.pt", tmp_path / "cnn.partial.pt"  # the epochs go to partial until the end
     train = ("train", "--dataset", f"imagefolder:{greek_dir}", *TRAIN, "--out", out)
     rng = random.Random(1)
     done_before, history_before = 0, []
     for attempt in range(4):
-        proc = start("train", "--out", out, "--resume") if out.exists() else start(*train)
+        proc = start("train", "--out", out, "--resume") if partial.exists() else start(*train)
         lines = read_until(proc, "training ")
         assert lines and lines[-1].startswith("training "), (lines, proc.communicate()[1])
         if done_before:
@@ -147,23 +157,27 @@ def test_sigkill_during_training_then_resume_continues_from_the_last_completed_e
         if attempt % 2:
             wait_for_a_write(proc, tmp_path)  # and kill it in the middle of writing a checkpoint
         kill(proc)
-        if not out.exists():
+        if out.exists():  # the run reached its end before the kill: --out only ever holds the finished model
+            assert load_checkpoint(out)["complete"] and load_checkpoint(out)["epoch"] == EPOCHS
+            break
+        if not partial.exists():
             continue
-        checkpoint = load_checkpoint(out)  # never half-written, whatever the moment of the kill
+        checkpoint = load_checkpoint(partial)  # never half-written, whatever the moment of the kill
         epoch, history = checkpoint["epoch"], checkpoint["history"]
         assert [h["epoch"] for h in history] == list(range(1, epoch + 1))
         assert epoch >= done_before
         assert history[:len(history_before)] == history_before  # continued, not restarted
-        assert checkpoint["complete"] == ("optimizer_state" not in checkpoint)
-        assert not checkpoint["complete"] or epoch == EPOCHS
+        assert not checkpoint["complete"] and "optimizer_state" in checkpoint
         done_before, history_before = epoch, history
 
-    # Finish: resume (or start, if no kill ever left an epoch) and run to the end.
-    proc = start("train", "--out", out, "--resume") if out.exists() else start(*train)
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr
-    if done_before:
-        assert f": {done_before} of {EPOCHS} epochs done" in stdout
+    # Finish: resume (or start, if no kill ever left an epoch) and run to the end. A run killed after it wrote
+    # --out but before it removed its partial file is resumed too, and ends with the same --out.
+    if partial.exists() or not out.exists():
+        proc = start("train", "--out", out, "--resume") if partial.exists() else start(*train)
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+        if done_before:
+            assert f": {done_before} of {EPOCHS} epochs done" in stdout
     final = load_checkpoint(out)
     assert final["complete"] and final["epoch"] == EPOCHS
     assert [h["epoch"] for h in final["history"]] == list(range(1, EPOCHS + 1))
@@ -171,21 +185,23 @@ def test_sigkill_during_training_then_resume_continues_from_the_last_completed_e
     metrics = json.loads(out.with_name("cnn.metrics.json").read_text())
     assert metrics["history"] == final["history"] and metrics["report_split"] == "test"
     assert temp_files(tmp_path) == []  # what the killed runs left behind was cleaned by the last one
+    assert not partial.exists()  # the finished model replaced the run's own epoch file
 
 
 def test_sigterm_abandons_the_epoch_in_progress_and_keeps_the_last_checkpoint(tmp_path, greek_dir):
-    out = tmp_path / "cnn.pt"
+    out, partial = tmp_path / "cnn.pt", tmp_path / "cnn.partial.pt"
     proc = start("train", "--dataset", f"imagefolder:{greek_dir}", *TRAIN, "--out", out)
     read_until(proc, "training ")
-    while not out.exists() and proc.poll() is None:  # the first epoch's checkpoint
+    while not partial.exists() and proc.poll() is None:  # the first epoch's checkpoint
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    assert_one_line_error(result, 143, "interrupted during epoch", "continue with --resume")
-    m = re.search(r"interrupted during epoch (\d+): (.+) keeps epoch (\d+);", stderr)
-    assert m and m[2] == str(out) and int(m[1]) == int(m[3]) + 1, stderr
-    saved = load_checkpoint(out)  # the epoch the message names, complete on disk
+    assert_one_line_error(result, 143, "interrupted during epoch", "--resume")
+    m = re.search(r"interrupted during epoch (\d+): (.+) keeps epoch (\d+); continue with `cnnedge train --out (.+) --resume`", stderr)
+    assert m and m[2] == str(partial) and m[4] == str(out) and int(m[1]) == int(m[3]) + 1, stderr
+    assert not out.exists()
+    saved = load_checkpoint(partial)  # the epoch the message names, complete on disk
     assert saved["epoch"] == int(m[3]) >= 1 and not saved["complete"] and len(saved["history"]) == saved["epoch"]
     assert temp_files(tmp_path) == []  # the abandoned epoch left nothing, not even a temp file
 
@@ -216,7 +232,8 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
 
 
 def check_export(out: Path) -> set[str]:
-    """Each of the export's files is absent or complete and valid; the report, written last, implies the models."""
+    """Each of the export's files is absent or complete and valid; the report, written last, implies the models,
+    and a model it does not vouch for (a kill between two renames of a rerun) is refused by its readers."""
     present = set()
     for name in ("cnn.onnx", "cnn.fp16.onnx"):
         path = out.with_name(name)
@@ -227,9 +244,16 @@ def check_export(out: Path) -> set[str]:
             present.add(name)
     report = out.with_name("cnn.json")
     if report.exists():
-        assert set(json.loads(report.read_text())["files"]) == {"fp32", "fp16"}
+        files = json.loads(report.read_text())["files"]
+        assert set(files) == {"fp32", "fp16"}
         assert present == {"cnn.onnx", "cnn.fp16.onnx"}
         present.add("cnn.json")
+        for entry in files.values():
+            path = Path(entry["path"])
+            if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:  # a new model, the old report
+                with pytest.raises(CnnedgeError, match="a partial or mixed export") as e:
+                    Runtime(path, "cpu")
+                assert e.value.code == 3
     return present
 
 

@@ -207,10 +207,13 @@ def test_existing_outputs_need_force(tmp_path, monkeypatch, capsys):
     ckpt = make_checkpoint(tmp_path / "k.pt", "keras_convnet")
     out = tmp_path / "k.onnx"
     out.write_bytes(b"old")
+    draft = tmp_path / ".thesis.2024.draft.tmp"  # a user's file named like a temp file (issue 14): kept
+    draft.write_text("data")
     assert export_cli(monkeypatch, ckpt, "--out", out) == 2
     assert "already exists; pass --force" in capsys.readouterr().err and out.read_bytes() == b"old"
     assert export_cli(monkeypatch, ckpt, "--out", out, "--force") == 0
     onnx.checker.check_model(onnx.load(out), full_check=True)
+    assert draft.read_text() == "data"
     assert export_cli(monkeypatch, ckpt, "--out", tmp_path / "k.txt") == 2
     assert export_cli(monkeypatch, ckpt, "--out", tmp_path / "q.onnx", "--quantize", "int4") == 2
     assert export_cli(monkeypatch, ckpt, "--out", tmp_path / "q.onnx", "--opset", "13") == 2

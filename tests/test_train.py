@@ -89,12 +89,14 @@ def test_interrupt_keeps_last_epoch_and_resume_matches_uninterrupted_run(small_r
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "interrupted during epoch 2" in stderr and "Traceback" not in stderr
-    saved = load_checkpoint(out)
+    assert not out.exists()  # --out only ever holds a finished model
+    saved = load_checkpoint(out.with_name("resumed.partial.pt"))
     assert saved["epoch"] == 1 and not saved["complete"]
 
     result = run_cli("train", "--out", out, "--resume")
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stdout
+    assert not out.with_name("resumed.partial.pt").exists() and load_checkpoint(out)["complete"]
     resumed, reference = _metrics(out), _metrics(small_run)
     assert resumed["test_accuracy"] == reference["test_accuracy"]
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in reference["history"]]

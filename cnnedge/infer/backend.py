@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnedge.errors import CnnedgeError
-from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
+from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, check_export_set, file_sha256
 
 MAX_MODEL_BYTES = 1 << 30  # larger files are refused before parsing (onnx's protobuf limit is 2 GiB)
 
@@ -64,6 +64,7 @@ class BaseRuntime:
             raise CnnedgeError(f"{p}: empty model file")
         if size > MAX_MODEL_BYTES:
             raise CnnedgeError(f"{p}: {size:,} bytes is over the {MAX_MODEL_BYTES:,}-byte model limit")
+        check_export_set(p, lambda: self.sha256)  # a model its export report beside it does not list: refused
 
     def _read_info(self, props: dict[str, str]) -> None:
         self.info = ModelInfo.from_props(props, source=str(self.path))
@@ -81,6 +82,10 @@ class BaseRuntime:
         if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], self.info.input_shape)):
             raise CnnedgeError(f"{self.path}: graph input {shape} disagrees with the metadata's input_shape "
                                f"{list(self.info.input_shape)}")
+        logits = self.output_shapes[LOGITS_NAME]
+        if len(logits) != 2 or (isinstance(logits[1], int) and logits[1] != len(self.class_names)):
+            raise CnnedgeError(f"{self.path}: graph output {LOGITS_NAME} {logits} disagrees with the "
+                               f"{len(self.class_names)} class names of its metadata")
         self.input_dtype = np.float16 if dtype == "float16" else np.float32
 
     # ------------------------------------------------------------------------------------ running
@@ -114,9 +119,18 @@ class BaseRuntime:
         raise NotImplementedError
 
     def run(self, x: np.ndarray, outputs: tuple[str, ...] = (LOGITS_NAME,)) -> list[np.ndarray]:
+        """The named outputs for a batch. A model that fails, gives another number of rows or classes than it
+        should, or NaN/infinity, is a one-line CnnedgeError: an untrusted model gets no further than this."""
         if len(x) == 0:
             return [np.zeros((0, 0), np.float32) for _ in outputs]
-        return self.forward(self.normalise(x), outputs)
+        results = self.forward(self.normalise(x), outputs)
+        for name, value in zip(outputs, results):
+            if len(value) != len(x) or (name == LOGITS_NAME and (value.ndim != 2 or value.shape[1] != len(self.class_names))):
+                raise CnnedgeError(f"{self.path}: output {name} has shape {list(value.shape)} for {len(x)} image(s) and "
+                                   f"{len(self.class_names)} classes: the graph disagrees with its metadata")
+            if not np.isfinite(value).all():
+                raise CnnedgeError(f"{self.path}: output {name} holds NaN or infinite values: a broken or hostile model")
+        return results
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.run(x)[0], dtype=np.float32)

@@ -26,8 +26,12 @@ def _class_folders(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise CnnedgeError(f"{folder}: {'no such folder' if not folder.exists() else 'not a folder'} "
                            f"(give a folder with one subfolder of images per class)")
-    classes = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=natural_key)
-    if (folder / "train").is_dir() and any(d.is_dir() for d in (folder / "train").iterdir()):
+    try:
+        classes = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=natural_key)
+        split = (folder / "train").is_dir() and any(d.is_dir() for d in (folder / "train").iterdir())
+    except OSError as e:  # an unreadable folder
+        raise CnnedgeError(f"{folder}: {e.strerror or e}") from None
+    if split:
         raise CnnedgeError(f"{folder}: holds a train/ split with class folders; enroll {folder / 'train'} "
                            f"(and predict on the other split)")
     if len(classes) < 2:
@@ -43,13 +47,15 @@ def run(folder: str | os.PathLike, out: str | os.PathLike, model: str | None = N
     if Path(out).is_dir():
         raise CnnedgeError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'classes.gallery.npz'}")
     classes = _class_folders(folder)
-    paths, truth = [], []
+    paths, truth, unreadable = [], [], []
     for c, d in enumerate(classes):
-        found = scan_folder(d, recursive=True)
+        found = scan_folder(d, recursive=True, errors=unreadable)
         if not found:
-            raise CnnedgeError(f"{d}: no images in class folder {d.name!r}")
+            raise CnnedgeError(f"{d}: no {'readable ' if unreadable else ''}images in class folder {d.name!r}")
         paths += found
         truth += [c] * len(found)
+    for where, why in unreadable:  # a subfolder that cannot be read: said, and the exit code says it too
+        warn(f"{printable(where)}: {why}")
     loose = [p for p in scan_folder(folder) if p.parent == folder]
     if loose:
         warn(f"{folder}: {len(loose)} image(s) outside the class folders ignored")
@@ -96,6 +102,6 @@ def run(folder: str | os.PathLike, out: str | os.PathLike, model: str | None = N
                       f"predict uses {metric} unless given --metric", markup=False)
     else:
         console.print("leave-one-out accuracy: not measurable with one image per class", markup=False)
-    console.print(f"wrote {out}: {len(labels)} embeddings ({gallery.dim}-d) of {len(names)} classes from {folder}, "
+    console.print(f"wrote {printable(str(out))}: {len(labels)} embeddings ({gallery.dim}-d) of {len(names)} classes from {printable(str(folder))}, "
                   f"model {predictor.model}", markup=False)
-    return int(ExitCode.PARTIAL) if skipped.any() else int(ExitCode.OK)
+    return int(ExitCode.PARTIAL) if skipped.any() or unreadable else int(ExitCode.OK)

@@ -11,6 +11,7 @@ import re
 import stat
 import sys
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Iterable
 
@@ -66,13 +67,24 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
     return image
 
 
-def printable(path: str) -> str:
-    """A file name that any output accepts: the bytes of a non-UTF-8 name (which Python keeps as lone
-    surrogates, unprintable on a UTF-8 stream) are shown as \\xNN."""
+# Characters that act on a terminal or break a line instead of showing: C0/C1 controls (ESC sequences clear the
+# screen or set the window title, a newline splits a one-line message), format characters (bidirectional
+# overrides reorder what is shown) and the Unicode line and paragraph separators.
+_ESCAPED = ("Cc", "Cf", "Zl", "Zp")
+
+
+def printable(text: str) -> str:
+    """A file name, or a message naming one, that any output accepts and that cannot act on a terminal: the
+    bytes of a non-UTF-8 name (which Python keeps as lone surrogates, unprintable on a UTF-8 stream) are shown
+    as \\xNN, and control characters as \\xNN or \\uNNNN (ESC as \\x1b, a newline as \\x0a)."""
     try:
-        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a broken name on Windows)
-        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if text.isprintable():  # the usual case, at C speed
+        return text
+    return "".join(c if c == " " or unicodedata.category(c) not in _ESCAPED
+                   else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
 
 
 def shown_path(path: str | os.PathLike) -> str:
@@ -94,17 +106,41 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def scan_folder(folder: Path, recursive: bool = False) -> list[Path]:
+def scan_folder(folder: Path, recursive: bool = False, errors: list[tuple[str, str]] | None = None) -> list[Path]:
     """The images in a folder and in its immediate subfolders (the ImageFolder layout: one folder per
-    class), or at any depth with `recursive`. Hidden files and folders are skipped."""
+    class), or at any depth with `recursive`. Hidden files and folders are skipped, and so are symbolic links
+    to folders (a link loop can neither hang nor repeat the walk). A folder that cannot be read is added to
+    `errors` as (folder, reason) when a list is given: its images are not silently missing."""
     found = []
-    for root, dirs, files in os.walk(folder):
+
+    def unreadable(e: OSError) -> None:
+        if errors is not None:
+            errors.append((str(e.filename or folder), f"{e.strerror or e}; its images are skipped"))
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         depth = len(Path(root).relative_to(folder).parts)
         if not recursive and depth >= 1:
             dirs[:] = []
         found += [Path(root) / f for f in files if is_image_name(Path(f))]
     return sorted(found, key=natural_key)
+
+
+def _glob(pattern: str, recursive: bool) -> list[str]:
+    """Paths matching a glob pattern by the folder walks' rules: `**` (with --recursive; else it is `*`)
+    descends into subfolders but never through a symbolic link to a folder (pathlib's rule; glob.glob
+    follows them, and two links to `..` make it run for minutes), and hidden names are skipped."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:first]) if first else Path()
+    # pathlib accepts `**` only as a whole component; glob.glob reads any other run of stars as one `*`.
+    rest = [part if part == "**" and recursive else re.sub(r"\*\*+", "*", part) for part in parts[first:]]
+    try:
+        matches = [m for m in root.glob(os.path.join(*rest))
+                   if not any(c.startswith(".") for c in m.relative_to(root).parts)]
+    except (OSError, ValueError):  # an unreadable root, or a pattern pathlib refuses
+        return []
+    return sorted((str(m) for m in matches), key=lambda m: natural_key(Path(m)))
 
 
 @contextlib.contextmanager
@@ -139,39 +175,95 @@ def quiet_native_stderr():
 
 def collect_inputs(args: Iterable[str | os.PathLike], recursive: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """Files, folders and glob patterns -> (image paths in order without duplicates, [(arg, problem)]).
-    Files named explicitly are kept whatever their extension: if they are not images, decoding says so."""
+    Files named explicitly are kept whatever their extension: if they are not images, decoding says so. A file
+    reached twice (two arguments, a glob and a folder, a link to a file) is predicted once: duplicates are
+    found by the real path."""
     paths: list[str] = []
     problems: list[tuple[str, str]] = []
     for arg in args:
         arg = str(arg)
-        p = Path(arg)
-        if p.is_dir():
-            found = scan_folder(p, recursive)
-            if not found:
+        try:
+            is_dir = stat.S_ISDIR(os.stat(arg).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            is_dir = None  # nothing there (or a broken link): perhaps a pattern
+        except OSError:  # there, but not reachable (an unsearchable folder on the way): reading it will say why
+            is_dir = False
+        except ValueError:  # a NUL byte in the argument
+            problems.append((arg, "not a valid path"))
+            continue
+        if is_dir:
+            errors: list[tuple[str, str]] = []
+            found = scan_folder(Path(arg), recursive, errors)
+            problems += errors
+            if not found and not errors:
                 problems.append((arg, f"no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images in this folder"
                                       + ("" if recursive else " or its subfolders (try --recursive)")))
             paths += [str(f) for f in found]
-        elif p.exists() or p.is_symlink():
+        elif is_dir is False or os.path.islink(arg):
             paths.append(arg)
         elif glob.has_magic(arg):
-            matches = sorted(glob.glob(arg, recursive=recursive), key=lambda m: natural_key(Path(m)))
+            matches = _glob(arg, recursive)
             if not matches:
                 problems.append((arg, "no file matches this pattern"))
             for m in matches:
-                if Path(m).is_dir():
-                    paths += [str(f) for f in scan_folder(Path(m), recursive)]
+                if os.path.isdir(m):
+                    errors = []
+                    paths += [str(f) for f in scan_folder(Path(m), recursive, errors)]
+                    problems += errors
                 elif is_image_name(Path(m)):
                     paths.append(m)
         else:
             problems.append((arg, "no such file or directory"))
     seen: set[str] = set()
     unique = []
+    real_folders: dict[str, str] = {}  # realpath per folder, not per file: 10,000 files share a few folders
     for path in paths:
-        key = os.path.normpath(os.path.abspath(path))
+        folder, name = os.path.split(path)
+        if folder not in real_folders:
+            real_folders[folder] = os.path.realpath(folder or ".")
+        key = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_folders[folder], name)
         if key not in seen:
             seen.add(key)
             unique.append(path)
     return unique, problems
+
+
+def describe_file(path: str | os.PathLike) -> str | None:
+    """What a file is, from its first bytes, for messages about a file given in the wrong place (a checkpoint
+    as --model, an ONNX model or a README to export): "a PyTorch checkpoint", "an ONNX model", ...; None
+    when it is none of those."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "a damaged zip archive"
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            return "a PyTorch checkpoint"
+        return "a numpy archive (.npz)" if names and all(n.endswith(".npy") for n in names) else "a zip archive"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle (an old-style PyTorch file)"
+    # An ONNX ModelProto starts with its ir_version (field 1, a small varint), then producer or opsets.
+    if len(head) > 2 and head[0] == 0x08 and 0 < head[1] < 0x40 and head[2] in (0x12, 0x1a, 0x22, 0x2a, 0x3a, 0x42):
+        return "an ONNX model"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM")):
+        return "an image"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = head[: e.start].decode("utf-8") if e.start > len(head) - 4 else ""  # a character cut at 4 KiB
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return "a text file"
+    return None
 
 
 # ---------------------------------------------------------------------------------- native output

@@ -38,6 +38,9 @@ FORMAT = "cnnedge-gallery"
 VERSION = 1
 KEYS = ("embeddings", "labels", "files", "prototypes", "class_names", "meta")
 MAX_GALLERY_BYTES = 1 << 30  # uncompressed; also what a crafted (zip bomb) file is held to
+# Confidences are softmax(-distance / T) in float32: a T of 1e-40 sends every class to -inf and the
+# confidences to NaN. Within these bounds they stay finite for any distance an embedding gives.
+TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 # ------------------------------------------------------------------------------------ distances
@@ -276,9 +279,10 @@ class Gallery:
         if meta.get("metric") not in METRICS:
             raise bad(f"'meta' metric must be one of {', '.join(METRICS)}")
         t = meta.get("temperature")
+        low, high = TEMPERATURE_RANGE
         if not isinstance(t, dict) or not all(isinstance(t.get(m), (int, float)) and not isinstance(t.get(m), bool)
-                                              and math.isfinite(t[m]) and t[m] > 0 for m in METRICS):
-            raise bad("'meta' temperature must give a positive number per metric")
+                                              and math.isfinite(t[m]) and low <= t[m] <= high for m in METRICS):
+            raise bad(f"'meta' temperature must give a number from {low:g} to {high:g} per metric")
         model = meta.get("model")
         if not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in
                                                   ("name", "sha256", "checkpoint_sha256", "precision")):
@@ -302,7 +306,7 @@ def build(class_names: list[str], embeddings: np.ndarray, labels: np.ndarray, fi
             means = prototypes(embeddings, labels, k, m)
             between = distances(means, means, m)[~np.eye(k, dtype=bool)]
             t = float(np.median(between)) or 1.0
-        temperature[m] = t
+        temperature[m] = float(np.clip(t, *TEMPERATURE_RANGE))
     meta = {"format": FORMAT, "version": VERSION, "metric": metric, "temperature": temperature,
             "model": model_identity(runtime), "preprocess": runtime.info.preprocess, "source": source,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "cnnedge_version": __version__}

@@ -89,7 +89,9 @@ def describe(model: str | None = None) -> dict:
 def run(model: str | None, fmt: str = "table") -> None:
     doc = describe(model)
     if fmt == "json":
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        from cnnedge.report import to_json
+
+        sys.stdout.write(to_json(doc) + "\n")
         sys.stdout.flush()
         return
     from rich.markup import escape

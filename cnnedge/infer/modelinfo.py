@@ -16,12 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnedge.choices import PRECISIONS, PREPROCESS_MODES
-from cnnedge.errors import CnnedgeError
+from cnnedge.errors import CnnedgeError, ExitCode
 
 METADATA_VERSION = "1"
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
 EMBEDDING_NAME = "embedding"
+# Small CNNs on small images: anything larger is refused before a session or a batch is made (a crafted
+# [1, 4096, 4096] input shape made predict allocate 64 MB per image, 16 GB per batch).
+MAX_INPUT_SIDE = 512
+MAX_CHANNELS = 4
+MAX_CLASSES = 1_000  # a 10,000-class head gives a 900 MB confusion matrix in the metrics JSON
 
 
 # The shipped default model: package data in a wheel (pyproject maps export/cnn.onnx there), the repository's
@@ -42,6 +47,31 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_fields(bad, class_names, input_shape, mean, std, preprocess) -> None:
+    """The rules every exported model's metadata and every checkpoint follow (predict, export and train share
+    them, so that export never writes a model predict would refuse). `bad(key, why)` makes the error."""
+    if (not isinstance(class_names, list) or not 2 <= len(class_names) <= MAX_CLASSES
+            or not all(isinstance(n, str) and n for n in class_names)):
+        raise bad("class_names", f"must be a list of 2 to {MAX_CLASSES:,} non-empty strings")
+    if len(set(class_names)) != len(class_names):
+        raise bad("class_names", "must be distinct")
+    if not all(n.isprintable() for n in class_names):  # they are printed: no ESC sequences, no newlines
+        raise bad("class_names", "must be printable text (no control characters)")
+    if (not isinstance(input_shape, (list, tuple)) or len(input_shape) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)
+            or input_shape[0] > MAX_CHANNELS or max(input_shape[1:]) > MAX_INPUT_SIDE):
+        raise bad("input_shape", f"must be [channels, height, width] with at most {MAX_CHANNELS} channels and "
+                                 f"{MAX_INPUT_SIDE} pixels a side")
+    for key, value in (("mean", mean), ("std", std)):
+        if (not isinstance(value, (list, tuple)) or len(value) != input_shape[0]
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+            raise bad(key, f"must be a list of {input_shape[0]} finite numbers")
+    if any(s <= 0 for s in std):
+        raise bad("std", "must be positive")
+    if preprocess not in PREPROCESS_MODES:
+        raise bad("preprocess", f"must be one of {', '.join(PREPROCESS_MODES)}")
 
 
 @dataclass
@@ -99,28 +129,11 @@ class ModelInfo:
             except (ValueError, RecursionError):
                 raise bad(key, "is not valid JSON") from None
 
-        def numbers(key: str, n: int) -> list[float]:
-            value = get_json(key)
-            if (not isinstance(value, list) or len(value) != n
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
-                raise bad(key, f"must be a list of {n} finite numbers")
-            return [float(v) for v in value]
-
         if get("cnnedge.metadata_version") != METADATA_VERSION:
             raise bad("cnnedge.metadata_version", f"is not {METADATA_VERSION}")
-        names = get_json("class_names")
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise bad("class_names", "must be a non-empty list of strings")
-        shape = get_json("input_shape")
-        if (not isinstance(shape, list) or len(shape) != 3
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 4096 for d in shape)):
-            raise bad("input_shape", "must be [channels, height, width]")
-        mean, std = numbers("mean", shape[0]), numbers("std", shape[0])
-        if any(s <= 0 for s in std):
-            raise bad("std", "must be positive")
+        names, shape, mean, std = (get_json(key) for key in ("class_names", "input_shape", "mean", "std"))
         preprocess = get("preprocess")
-        if preprocess not in PREPROCESS_MODES:
-            raise bad("preprocess", f"must be one of {', '.join(PREPROCESS_MODES)}")
+        check_fields(bad, names, shape, mean, std, preprocess)
         precision = props.get("precision", "fp32")
         if precision not in PRECISIONS:
             raise bad("precision", f"must be one of {', '.join(PRECISIONS)}")
@@ -136,10 +149,60 @@ class ModelInfo:
                  "precision", "embedding_layer", "test_accuracy", "dataset", "checkpoint_sha256",
                  "cnnedge_version", "export_date"}
         return cls(
-            class_names=names, input_shape=tuple(shape), mean=mean, std=std, preprocess=preprocess,
+            class_names=names, input_shape=tuple(shape), mean=[float(v) for v in mean], std=[float(v) for v in std],
+            preprocess=preprocess,
             arch=get("arch"), precision=precision, embedding_layer=props.get("embedding_layer") or None,
             test_accuracy=accuracy, dataset=props.get("dataset", ""),
             checkpoint_sha256=props.get("checkpoint_sha256", ""), cnnedge_version=props.get("cnnedge_version", ""),
             export_date=props.get("export_date", ""),
             extra={k: v for k, v in props.items() if k not in known},
         )
+
+
+# ------------------------------------------------------------------------------------ export sets
+
+
+def export_report(model: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The report `cnnedge export` wrote beside a model (`cnn.json` for cnn.onnx, cnn.fp16.onnx and
+    cnn.int8.onnx), when there is one: (its path, its content). Files that are no export report are ignored."""
+    model = Path(model)
+    stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.stem
+    base, _, precision = stem.rpartition(".")
+    for name in [stem] + ([base] if base and precision in PRECISIONS and precision != "fp32" else []):
+        path = model.with_name(f"{name}.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError, RecursionError):
+            continue
+        files = doc.get("files") if isinstance(doc, dict) else None
+        if isinstance(files, dict) and any(isinstance(f, dict) and Path(str(f.get("path", ""))).name == model.name
+                                           for f in files.values()):
+            return path, doc
+        if isinstance(files, dict) and name == base:  # the variant's own report, which does not list it
+            return path, doc
+    return None
+
+
+def check_export_set(model: str | os.PathLike, sha256) -> None:
+    """Refuse a model that the export report beside it does not vouch for. Export publishes its files one by
+    one and the report last, listing every file's sha256 (cnnedge.train.export.write_outputs): a run killed
+    between two renames, or a variant left from an earlier export, is a mixed set, and this is where it is
+    caught. `sha256` is a function returning the model file's sha256 (only called when there is a report)."""
+    found = export_report(model)
+    if found is None:
+        return
+    report, doc = found
+    model = Path(model)
+    listed = {Path(str(f.get("path", ""))).name: f for f in doc["files"].values() if isinstance(f, dict)}
+    if not any("sha256" in f for f in listed.values()):
+        return  # a report from before cnnedge 0.2 listed no sha256: nothing to check against
+    again = "export it again (with --force) to rewrite the whole set"
+    entry = listed.get(model.name)
+    if entry is None:
+        raise CnnedgeError(f"{model}: not part of the export {report} describes ({', '.join(listed)}): left from "
+                           f"an earlier export, or the set is incomplete; {again}", ExitCode.CHECK_FAILED)
+    actual = sha256()
+    if entry.get("sha256") != actual:
+        raise CnnedgeError(f"{model}: sha256 {actual[:12]} is not the {str(entry.get('sha256'))[:12]} that {report} "
+                           f"lists: a partial or mixed export (interrupted?); {again}", ExitCode.CHECK_FAILED)

@@ -101,9 +101,9 @@ class OpenCVRuntime(BaseRuntime):
             raise CnnedgeError(f"{self.path}: its weights are in external files ({', '.join(header.external_data[:3])}), "
                                "which --runtime opencv does not read; use --runtime onnxruntime")
         self._read_info(header.props)
-        self._check_graph({name: (v.shape or [], v.elem_type) for name, v in header.inputs.items()}, set(header.outputs))
         self._outputs = list(header.outputs)
         self._shapes = {name: list(v.shape or []) for name, v in header.outputs.items()}
+        self._check_graph({name: (v.shape or [], v.elem_type) for name, v in header.inputs.items()}, set(header.outputs))
         if threads:
             cv2.setNumThreads(threads)  # process-wide: OpenCV has one thread pool
         reasons = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnedge.atomic import check_writable
 from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.infer.files import collect_inputs, printable, quiet_native_stderr, shown_path
 from cnnedge.metrics import classification_report, confusion_matrix
@@ -114,9 +115,11 @@ def render_table(predictions: list[Prediction], summary: Summary, model: str, pr
 
 
 def render_json(predictions: list[Prediction], summary: Summary, header: dict) -> str:
-    """`header`: Predictor.header() (model, provider, gallery), as `cnnedge serve` answers too."""
-    doc = {**header, "results": [p.to_dict() for p in predictions], "summary": summary.to_dict()}
-    return json.dumps(doc, indent=2)
+    """`header`: Predictor.header() (model, runtime, provider, gallery), as `cnnedge serve` answers too.
+    Strict JSON (no NaN or Infinity, which a strict parser rejects)."""
+    from cnnedge.report import to_json
+
+    return to_json({**header, "results": [p.to_dict() for p in predictions], "summary": summary.to_dict()})
 
 
 def render_csv(predictions: list[Prediction]) -> str:
@@ -159,8 +162,10 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
         warn(f"{printable(arg)}: {problem}")
     if not paths:
         raise CnnedgeError("no images to predict" + (f" ({len(problems)} input(s) reported above)" if problems else ""))
-    if save_crops is not None and Path(save_crops).exists() and not Path(save_crops).is_dir():
-        raise CnnedgeError(f"--save-crops {save_crops}: exists and is not a folder")
+    if save_crops is not None:
+        if os.path.lexists(save_crops) and not os.path.isdir(save_crops):
+            raise CnnedgeError(f"--save-crops {save_crops}: exists and is not a folder")
+        check_writable(Path(save_crops) / "crop.png")  # before the run, not at its first crop
     if grid is not None and (Path(grid).suffix.lower() != ".png" or Path(grid).is_dir()):
         raise CnnedgeError(f"--grid {grid}: give a .png file to write")
 

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
+from cnnedge.atomic import prepare_folder, sync_folder, write_unsynced
 from cnnedge.errors import CnnedgeError, ImageError
 from cnnedge.infer.files import decode_image, read_image, scan_folder, shown_path
 from cnnedge.infer.gallery import Gallery
@@ -203,8 +204,13 @@ class Predictor:
     def predict_iter(self, items: Iterable, topk: int | None = None, save_crops: str | os.PathLike | None = None,
                      on_batch=None) -> Iterator[Prediction]:
         """Stream predictions for paths or arrays, in input order. Decoding and preprocessing run in the
-        thread pool, inference in the calling thread on batches of `batch_size`."""
+        thread pool, inference in the calling thread on batches of `batch_size`; crops (`save_crops`) are
+        written by the pool too, while the next batch runs."""
         k = topk or self.topk
+        crops: deque = deque()  # futures of the crop writes in flight
+        if save_crops is not None:
+            save_crops = str(save_crops)
+            prepare_folder(save_crops)
         chunk_size = max(1, min(CHUNK, self.batch_size))
         if isinstance(items, (list, tuple)):  # a short list (a server's batch): spread it over the whole pool
             chunk_size = max(1, min(chunk_size, -(-len(items) // self.workers)))
@@ -234,14 +240,24 @@ class Predictor:
                 buffered.append((item, x, error, box))
                 ready += x is not None
             if ready >= self.batch_size or not pending:
-                for p in self._infer(buffered, k, index, save_crops):
-                    yield p
+                predictions = self._infer(buffered, k)
+                if save_crops is not None:
+                    batch = [(index + i, p.path, p.label, b[1]) for i, (p, b) in enumerate(zip(predictions, buffered))
+                             if p.label is not None]
+                    crops.append(self.pool.submit(_save_crops, save_crops, batch))
+                    while crops and crops[0].done():
+                        crops.popleft().result()  # a write error (a full disk) stops the run here
+                yield from predictions
                 index += len(buffered)
                 if on_batch is not None:
                     on_batch(len(buffered))
                 buffered, ready = [], 0
+        if save_crops is not None:
+            for future in crops:
+                future.result()
+            sync_folder(save_crops)  # once for the folder, not once per crop
 
-    def _infer(self, buffered: list[tuple], k: int, start: int, save_crops) -> list[Prediction]:
+    def _infer(self, buffered: list[tuple], k: int) -> list[Prediction]:
         good = [i for i, b in enumerate(buffered) if b[1] is not None]
         probs = np.zeros((0, len(self.class_names)), np.float32)
         dist = embeddings = None
@@ -281,8 +297,6 @@ class Predictor:
                     p.input = x
                 if dist is not None:
                     p.distances = {name: float(v) for name, v in zip(self.class_names, dist[r])}
-                if save_crops is not None:
-                    _save_crop(Path(save_crops), start + i, path, p.label, x)
             out.append(p)
         return out
 
@@ -292,15 +306,13 @@ def _bare(e: ImageError) -> ImageError:
     return type(e)(str(e))
 
 
-def _save_crop(folder: Path, index: int, path: str | None, label: str, x: np.ndarray) -> None:
-    from cnnedge.atomic import write_bytes
-
-    stem = re.sub(r"[^\w.-]+", "_", Path(path).stem)[:60] if path else "array"
-    ok, png = cv2.imencode(".png", np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8))
-    safe_label = re.sub(r"[^\w.-]+", "_", label)
-    target = folder / f"{index:06d}_{stem}_pred-{safe_label}.png"
-    try:
+def _save_crops(folder: str, crops: list[tuple[int, str | None, str, np.ndarray]]) -> None:
+    """A batch of network inputs as PNGs, (index, path, label, input) each. Debugging output, thousands of
+    small files: each is renamed into place whole, without an fsync of its own (that made --save-crops 19x
+    slower); the folder is synced once at the end of the run."""
+    for index, path, label, x in crops:
+        stem = re.sub(r"[^\w.-]+", "_", os.path.splitext(os.path.basename(path))[0])[:60] if path else "array"
+        ok, png = cv2.imencode(".png", np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8))
+        safe_label = re.sub(r"[^\w.-]+", "_", label)
         if ok:
-            write_bytes(target, png.tobytes())
-    except OSError as e:
-        raise CnnedgeError(f"--save-crops {folder}: cannot write {target.name} ({e.strerror or e})") from None
+            write_unsynced(os.path.join(folder, f"{index:06d}_{stem}_pred-{safe_label}.png"), png.tobytes())

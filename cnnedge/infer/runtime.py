@@ -23,6 +23,8 @@ import importlib.util
 import mmap
 import os
 import re
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
@@ -30,8 +32,8 @@ import numpy as np
 
 from cnnedge.choices import PROVIDERS, RUNTIMES
 from cnnedge.errors import CnnedgeError
-from cnnedge.infer.files import captured_output
 from cnnedge.infer.backend import BaseRuntime
+from cnnedge.infer.files import captured_output, describe_file
 from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME
 from cnnedge.infer.onnxfile import read_header
 from cnnedge.threads import thread_count
@@ -52,6 +54,9 @@ DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
 # 1.62x at batch 64 and 1.87x at 256 (benchmarks/bench_int8.py). Batches smaller than 2 * SLICE are not
 # split (below it the hand-off to the other thread costs more than the second core gives).
 SLICE = 8
+# One batch of a small CNN takes milliseconds, seconds on the slowest device; a graph still running after this
+# is stopped (a hostile model: a Loop of 10^15 iterations would never return).
+RUN_TIME_LIMIT = 60.0
 
 
 def _load_failure_reason(log: str, provider: str) -> str:
@@ -75,6 +80,48 @@ def _gpu_driver_problem() -> str | None:
     except OSError as e:
         return f"no NVIDIA driver ({name} cannot be loaded: {str(e).split(':')[-1].strip() or e})"
     return None
+
+
+class _Watchdog:
+    """Stops session.run calls that outlive their deadline: onnxruntime checks RunOptions.terminate between
+    nodes, loop iterations included. One daemon thread per process, started by the first run; a run costs a
+    RunOptions and two dict operations (under a microsecond)."""
+
+    def __init__(self):
+        self.running: dict[int, tuple] = {}  # id -> (onnxruntime.RunOptions, deadline)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self, limit: float):
+        options = import_onnxruntime().RunOptions()
+        options.log_severity_level = 4  # the "terminate flag" error is reported by us, in one line
+        self.running[id(options)] = (options, time.monotonic() + limit)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._watch, name="cnnedge-watchdog", daemon=True)
+                    self._thread.start()
+        return options
+
+    def done(self, options) -> None:
+        self.running.pop(id(options), None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, RUN_TIME_LIMIT / 4))
+            now = time.monotonic()
+            for options, deadline in list(self.running.values()):
+                if now > deadline:
+                    options.terminate = True
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _ort_message(e: Exception, limit: int | None = 200) -> str:
+    """onnxruntime's message on one line, without its "[ONNXRuntimeError] : 1 : FAIL : " prefix."""
+    first = " ".join(str(e).split())
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)[:limit]
 
 
 def default_runtime() -> str:
@@ -155,8 +202,13 @@ class Runtime(BaseRuntime):
             return ort.InferenceSession(str(self.path), sess_options=options, providers=providers,
                                         disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as e:  # onnxruntime raises its own exception types for malformed files
-            first = " ".join(str(e).split())
-            first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+            first = _ort_message(e, limit=None)
+            kind = describe_file(self.path)
+            if kind == "a PyTorch checkpoint":
+                raise CnnedgeError(f"{self.path}: a PyTorch checkpoint, not an ONNX model; export it first: "
+                                   f"cnnedge export {self.path}") from None
+            if kind not in (None, "an ONNX model"):
+                raise CnnedgeError(f"{self.path}: not a loadable ONNX model ({kind}; export one with `cnnedge export`)") from None
             if re.search(r"escapes model directory|absolute path", first, re.IGNORECASE):
                 # onnxruntime >= 1.24 checks where external weights live before opening anything:
                 # only inside the model's folder (no absolute paths, no "..", no symlinks leading out).
@@ -210,10 +262,23 @@ class Runtime(BaseRuntime):
     def forward(self, x: np.ndarray, outputs: tuple[str, ...] = (LOGITS_NAME,)) -> list[np.ndarray]:
         slices = min(self.slices, len(x) // SLICE)
         if slices < 2:
-            return self.session.run(list(outputs), {INPUT_NAME: x})
+            return self._run(x, outputs)
         # onnxruntime's run may be called from several threads at once; it releases the GIL while it runs.
         bounds = np.linspace(0, len(x), slices + 1).astype(int)
         parts = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        others = [self._pool.submit(self.session.run, list(outputs), {INPUT_NAME: part}) for part in parts[1:]]
-        results = [self.session.run(list(outputs), {INPUT_NAME: parts[0]})] + [f.result() for f in others]
+        others = [self._pool.submit(self._run, part, outputs) for part in parts[1:]]
+        results = [self._run(parts[0], outputs)] + [f.result() for f in others]
         return [np.concatenate([r[i] for r in results]) for i in range(len(outputs))]
+
+    def _run(self, x: np.ndarray, outputs: tuple[str, ...]) -> list[np.ndarray]:
+        """One session.run, stopped if it outlives RUN_TIME_LIMIT."""
+        options = _WATCHDOG.start(RUN_TIME_LIMIT)
+        try:
+            return self.session.run(list(outputs), {INPUT_NAME: x}, options)
+        except Exception as e:
+            if options.terminate:
+                raise CnnedgeError(f"{self.path}: stopped after {RUN_TIME_LIMIT:g} s on a batch of {len(x)} "
+                                   f"image(s): the model does not finish (a broken or hostile graph)") from None
+            raise CnnedgeError(f"{self.path}: the model failed to run ({_ort_message(e)})") from None
+        finally:
+            _WATCHDOG.done(options)

@@ -15,9 +15,9 @@ drops frames instead of lagging behind the scene; a video file keeps them all (n
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -31,11 +31,12 @@ import numpy as np
 
 from cnnedge.atomic import commit, temp_beside
 from cnnedge.errors import CnnedgeError, ExitCode, ImageError
-from cnnedge.infer.files import captured_output, quiet_native_stderr
+from cnnedge.infer.files import captured_output, printable, quiet_native_stderr
 from cnnedge.infer.modelinfo import default_model
 from cnnedge.infer.preprocess import analyse
 from cnnedge.infer.backend import topk as top_k
 from cnnedge.infer.runtime import open_runtime
+from cnnedge.report import to_json
 
 ROI_FRACTION = 0.6  # the default ROI: a centred square, this fraction of the frame's short side
 WORK_SIZE = 128  # the ROI is analysed at most this many pixels on its long side (see bench_webcam.py)
@@ -397,7 +398,24 @@ class VideoSaver:
 
     def commit(self) -> None:
         self.writer.release()
+        problem = self._unreadable()
+        if problem:
+            self.tmp.unlink(missing_ok=True)
+            kept = "the existing file is kept" if self.path.exists() else "nothing was written"
+            raise CnnedgeError(f"--save {self.path}: {problem}; {kept}")
         commit(self.tmp, self.path)
+
+    def _unreadable(self) -> str | None:
+        """What is wrong with the video just written, read back from its header and index: OpenCV's VideoWriter
+        reports no write errors, and a full disk leaves a truncated file (no index, no moov atom)."""
+        cap = cv2.VideoCapture(str(self.tmp))
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT) if cap.isOpened() else float("nan")
+        cap.release()
+        if abs(count - self.frames) <= max(1.0, 0.01 * self.frames):  # False for NaN; MKV counts are estimates
+            return None
+        full = shutil.disk_usage(self.tmp.parent).free < (1 << 20)
+        found = f"holds {int(count):,} of the {self.frames:,} frames" if math.isfinite(count) and count >= 0 else "is unreadable"
+        return f"the video written {found}{' (the disk is full)' if full else ''}"
 
     def discard(self) -> None:
         self.writer.release()
@@ -491,6 +509,8 @@ class Panel:
         if self._last is not None:  # the final state, whenever the last redraw was
             self.live.update(self.render(*self._last), refresh=True)
         self.live.stop()
+        if not self.live.console.is_terminal:  # rich ends the panel with a newline on terminals only
+            self.live.console.line()
 
 
 def _bar(p: float, width: int = 10) -> str:
@@ -508,7 +528,7 @@ class JsonLines:
         if self.broken:
             return False
         try:
-            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.write(to_json(obj, indent=None) + "\n")
             sys.stdout.flush()
         except BrokenPipeError:  # `| head`: the reader is gone; stop quietly
             self.broken = True
@@ -584,7 +604,7 @@ def run(source: str = "0", model: str | None = None, provider: str = "cpu", roi:
         max_frames: int | None = None, save: str | None = None, work_size: int = WORK_SIZE,
         runtime: str | None = None) -> int:
     """The `cnnedge webcam` command; returns the exit code (0, or 130/143 after Ctrl-C/SIGTERM)."""
-    from cnnedge.report import console, err_console
+    from cnnedge.report import console, err_console, warn
 
     if max_frames is not None and max_frames < 1:
         raise CnnedgeError(f"--max-frames must be at least 1, not {max_frames}")
@@ -607,7 +627,7 @@ def run(source: str = "0", model: str | None = None, provider: str = "cpu", roi:
             try:
                 view = Window(None if src.live else 1.0 / src.fps)
                 if fmt == "live":
-                    console.print(f"{src.name}: {Window.KEYS}", markup=False)
+                    console.print(f"{printable(src.name)}: {Window.KEYS}", markup=False)
             except cv2.error:
                 err_console.print("info: this OpenCV has no GUI support; running headless", markup=False)
         json_out = JsonLines() if fmt == "json" else None
@@ -616,7 +636,7 @@ def run(source: str = "0", model: str | None = None, provider: str = "cpu", roi:
                 saver = VideoSaver(save, src.fps, src.size)
             if view is None and json_out is None:
                 rt = classifier.runtime
-                title = f"cnnedge webcam · {src.name} · {rt.path.name} on {rt.name} {rt.provider}"
+                title = printable(f"cnnedge webcam · {src.name} · {rt.path.name} on {rt.name} {rt.provider}")
                 panel = Panel(console, title)
             stats, end = _loop(src, classifier, roi_spec, stop, view, panel, json_out, saver, max_frames)
         except BaseException:
@@ -631,7 +651,7 @@ def run(source: str = "0", model: str | None = None, provider: str = "cpu", roi:
         if saver is not None:
             saver.commit()  # a run cut short by Ctrl-C still leaves a complete, shorter video
     if src.error or end.startswith(("end of stream", "no frame")):  # a camera unplugged, a stream gone
-        err_console.print(f"warning: {src.name}: {src.error or end}", markup=False, soft_wrap=True)
+        warn(f"{src.name}: {src.error or end}")
     summary = stats.summary(source=src.name, model=str(classifier.runtime.path), runtime=classifier.runtime.name,
                             provider=classifier.runtime.provider, end=end, read=src.frames_read)
     summary["saved"] = None if saver is None else {"path": str(saver.path), "frames": saver.frames,
@@ -685,7 +705,7 @@ def _loop(src: FrameSource, classifier: FrameClassifier, roi_spec, stop: _StopOn
 
 def _summary_line(s: dict) -> str:
     lat = s["latency_ms"]
-    line = (f"{s['frames']} frames from {s['source']} ({s['end']}): {s['with_digit']} with a digit, "
+    line = (f"{s['frames']} frames from {printable(s['source'])} ({s['end']}): {s['with_digit']} with a digit, "
             f"{s['without_digit']} without, {s['dropped']} dropped; latency p50 {lat['p50']:.2f} ms, "
             f"p99 {lat['p99']:.2f} ms")
     if s["fps"]:
@@ -693,5 +713,5 @@ def _summary_line(s: dict) -> str:
     line += f"; runtime {s['runtime']}, provider {s['provider']}"
     if s["saved"]:
         saved = s["saved"]
-        line += f"\nwrote {saved['path']} ({saved['frames']} frames, {saved['size'][0]}x{saved['size'][1]})"
+        line += f"\nwrote {printable(saved['path'])} ({saved['frames']} frames, {saved['size'][0]}x{saved['size'][1]})"
     return line

@@ -92,6 +92,7 @@ def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
     """ImageFolder tree (one folder per class). With train/ and test/ subfolders, both are used."""
     from cnnedge.errors import ImageError
     from cnnedge.infer.files import printable, quiet_native_stderr, read_image, scan_folder
+    from cnnedge.infer.modelinfo import MAX_CLASSES
     from cnnedge.infer.preprocess import analyse_batch
     from cnnedge.report import warn
 
@@ -109,13 +110,27 @@ def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
             raise CnnedgeError(f"imagefolder {folder}: {e.strerror or e}") from None
         if not found:
             raise CnnedgeError(f"imagefolder {folder}: no class folders (one subfolder of images per class)")
+        odd = next((c for c in found if not c.isprintable()), None)
+        if odd is not None:  # the name becomes a class name, printed in tables and stored in the model
+            raise CnnedgeError(f"imagefolder {folder}: class folder {printable(odd)!r}: control characters or "
+                               "bytes that are not UTF-8 in its name; rename it")
+        if classes is None and len(found) > MAX_CLASSES:  # refused before a single image is decoded
+            raise CnnedgeError(f"imagefolder {folder}: {len(found):,} class folders; cnnedge trains at most "
+                               f"{MAX_CLASSES:,} classes")
         class_to_idx = {c: i for i, c in enumerate(found)}
         if classes is not None:
             class_to_idx = {c: classes.index(c) for c in found if c in classes}
             for c in set(found) - set(classes):
                 warn(f"{folder / c}: class not in the training split, skipped")
         # Not torchvision's make_dataset: it follows symlinked folders, and a link loop repeats the images.
-        samples = [(f, label) for c, label in sorted(class_to_idx.items()) for f in scan_folder(folder / c, recursive=True)]
+        samples, unreadable, empty = [], [], []
+        for c, label in sorted(class_to_idx.items()):
+            files = scan_folder(folder / c, recursive=True, errors=unreadable)
+            if not files and not any(Path(f).is_relative_to(folder / c) for f, _ in unreadable):
+                empty.append(c)
+            samples += [(f, label) for f in files]
+        for where, why in unreadable:
+            warn(f"{printable(where)}: {why}")
         images, labels = [], []
         with quiet_native_stderr():  # bad files get our one line each, not the decoders' own complaints
             for file, label in samples:
@@ -129,6 +144,13 @@ def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
                     warn(f"{printable(str(file))}: {e}; skipped")
         if not images:
             raise CnnedgeError(f"imagefolder {folder}: no readable images in class subfolders")
+        for c in empty:
+            warn(f"{printable(str(folder / c))}: empty class folder: " + (
+                f"the model gets class {c!r} without one example of it" if classes is None else "nothing to test"))
+        if classes is None and len(set(labels)) < 2:
+            only = found[labels[0]]
+            raise CnnedgeError(f"imagefolder {folder}: only class {only!r} has images; a classifier needs at least "
+                               "2 classes (a one-class model answers the same for everything)")
         return torch.stack(images).unsqueeze(1), torch.tensor(labels, dtype=torch.long), found
 
     x_train, y_train, classes = read_split(train_dir, None)

@@ -11,9 +11,17 @@
 6. `make_variants` (`quantize_fp16`, `quantize_int8`): test accuracy of the model and of its variants;
 7. `verify_second_runtime`: every model again in OpenCV DNN, each engine (docs/export.md);
 8. `add_metadata`: what a device needs to use the model, so the .onnx file is all it needs;
-9. `write_outputs`: models and the JSON report, atomically, only after every check has passed.
+9. `write_outputs`: models and the JSON report, only after every check has passed, as a set.
 
 A failed check prints the layer table (or the parity figures), writes nothing and exits with code 3.
+
+The files are written as a set: every file is first written to a temp file beside its target (a full disk
+fails there, before anything is published), then the models are published one by one and the report last.
+The report lists each model's sha256, and `predict`, `info` (any cnnedge Runtime) refuse a model that the
+report beside it does not list with that sha256 (cnnedge.infer.modelinfo.check_export_set). So a run killed
+between two renames leaves a set that is detectably mixed (new models beside the old report are refused, the
+old models still match it), and `export --force` rewrites it whole. Without --force, each name is claimed at
+the moment it is published (a hard link): a run that overlaps another is refused, and the other's files kept.
 """
 
 from __future__ import annotations
@@ -21,8 +29,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
-import json
 import math
+import os
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -40,17 +48,22 @@ from rich.table import Table
 from torch import nn
 
 from cnnedge import __version__
-from cnnedge.atomic import write_bytes, write_text
+from cnnedge.atomic import publish, stage
 from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
 from cnnedge.errors import CnnedgeError, ExitCode
+from cnnedge.infer.files import printable
 from cnnedge.infer.modelinfo import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
-from cnnedge.report import console, fmt_bytes, layer_table, warn
+from cnnedge.report import console, fmt_bytes, layer_table, to_json, warn
 from cnnedge.threads import thread_count
 from cnnedge.infer.runtime import DISABLED_OPTIMIZERS, SHORT_NAMES as SHORT_PROVIDERS
 from cnnedge.train.options import NATIVE_OPSET, ExportConfig, check_export
 from cnnedge.train.zoo import LayerCheck, check_layers, get_arch
 
 MIN_OPSET = 17
+# The opset the graph is exported at (options.NATIVE_OPSET). Any other is converted by onnx's version converter
+# once the layers are named (it drops the exporter's node metadata): onnxscript's own converter stops at 25, and
+# the C fallback it uses beyond that ran before the naming, so every layer lost its value (opsets 26-28: "16
+# layers disagree").
 TOLERANCE = 1e-4  # max |runtime - torch| for logits and embedding (fp32), in onnxruntime and OpenCV alike
 FP32_LIMIT = f"max |diff| <= {TOLERANCE:g}, top-1 100%"
 VARIANT_LIMIT = "top-1 100%"
@@ -85,6 +98,22 @@ class Variant:
 
 
 # ----------------------------------------------------------------------------- outputs and inputs
+
+
+def max_opset() -> int:
+    """The newest opset that onnx defines and the installed onnxruntime runs (onnx 1.23 defines 28,
+    onnxruntime 1.31 runs 26): a model is only written at an opset it can be verified at."""
+    for opset in range(onnx.defs.onnx_opset_version(), NATIVE_OPSET, -1):
+        relu = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
+                                      [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                      [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+        probe = onnx.helper.make_model(relu, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=10)
+        try:
+            session(probe)
+            return opset
+        except Exception:  # "ONNX Runtime only guarantees support for models stamped with opset ..."
+            continue
+    return NATIVE_OPSET
 
 
 def load_images(checkpoint: dict, config: ExportConfig, need_train: bool) -> tuple[Images | None, Images | None, str]:
@@ -152,7 +181,7 @@ def export_graph(model: WithEmbedding, input_shape, opset: int) -> ir.Model:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model.eval(), (torch.zeros(2, *input_shape),), dynamo=True, optimize=False,
-            opset_version=max(opset, NATIVE_OPSET), input_names=[INPUT_NAME], output_names=[LOGITS_NAME, EMBEDDING_NAME],
+            opset_version=NATIVE_OPSET, input_names=[INPUT_NAME], output_names=[LOGITS_NAME, EMBEDDING_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
         )
         graph = program.model
@@ -238,7 +267,7 @@ def _unique(stem: str, taken: set[str]) -> str:
 def to_proto(graph: ir.Model, opset: int, arch: str) -> onnx.ModelProto:
     graph.graph.name = arch
     proto = ir.to_proto(graph)
-    if opset < NATIVE_OPSET:  # after naming: the C converter drops the exporter's node metadata
+    if opset != NATIVE_OPSET:  # after naming: the converter drops the exporter's node metadata
         proto = onnx.version_converter.convert_version(proto, opset)
     return proto
 
@@ -504,15 +533,62 @@ def add_metadata(proto: onnx.ModelProto, checkpoint: dict, precision: str, test_
     return proto
 
 
-def write_outputs(models: dict[str, tuple[Path, onnx.ModelProto]], report_path: Path, report: dict) -> None:
-    """Each file atomically, the report last; models are small, so no external data."""
+def check_deployable(proto: onnx.ModelProto, what: str) -> None:
+    """The model as predict will read it: metadata by the same strict parser, and as many logits as class
+    names. Export never writes a model that predict then refuses."""
+    props = {p.key: p.value for p in proto.metadata_props}
+    info = ModelInfo.from_props(props, source=what)
+    output = next((o for o in proto.graph.output if o.name == LOGITS_NAME), None)
+    logits = [] if output is None else output.type.tensor_type.shape.dim
+    if len(logits) != 2 or (logits[1].HasField("dim_value") and logits[1].dim_value != len(info.class_names)):
+        raise CnnedgeError(f"{what}: the graph gives {logits[1].dim_value if len(logits) == 2 else '?'} logits for "
+                           f"{len(info.class_names)} class names; nothing written", ExitCode.CHECK_FAILED)
+
+
+def write_outputs(models: dict[str, tuple[Path, onnx.ModelProto]], report_path: Path, report: dict,
+                  force: bool = False) -> None:
+    """The models and the report as a set (see the module docstring): all staged, then published, the report
+    last with each model's sha256. Models are small, so no external data."""
+    import hashlib
+
     report["files"] = {}
-    for precision, (path, proto) in models.items():
-        data = proto.SerializeToString()
-        write_bytes(path, data)
-        report["files"][precision] = {"path": str(path), "size_bytes": len(data)}
-    report["size_bytes"] = report["files"]["fp32"]["size_bytes"]
-    write_text(report_path, json.dumps(report, indent=2) + "\n")
+    staged: list[tuple[Path, Path]] = []  # (temp file, target)
+    identity = {}  # target -> (device, inode) of the file this run publishes there
+    try:
+        for precision, (path, proto) in models.items():
+            check_deployable(proto, f"{precision} model")
+            data = proto.SerializeToString()
+            staged.append((stage(path, data), path))
+            identity[path] = _file_id(staged[-1][0])
+            report["files"][precision] = {"path": str(path), "size_bytes": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest()}
+        report["size_bytes"] = report["files"]["fp32"]["size_bytes"]
+        staged.append((stage(report_path, (to_json(report) + "\n").encode()), report_path))
+        for i, (tmp, path) in enumerate(staged):
+            try:
+                publish(tmp, path, overwrite=force)
+            except CnnedgeError:
+                _unpublish([p for _, p in staged[:i]], identity)
+                raise
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _unpublish(published: list[Path], identity: dict[Path, tuple[int, int]]) -> None:
+    """When a file of the set is refused (another run wrote it meanwhile), remove the ones this run has just
+    published: new names it created itself (without --force nothing was replaced), checked to still be the
+    very files it wrote, so the folder is left as the other run made it."""
+    for path in published:
+        with contextlib.suppress(OSError):
+            if _file_id(path) == identity.get(path):
+                os.unlink(path)
 
 
 def layer_json(rows: list[LayerCheck], values: dict[str, tuple[str | None, str]]) -> list[dict]:
@@ -614,8 +690,10 @@ def make_variants(proto: onnx.ModelProto, quantize: list[str], paths: dict[str, 
 def run(config: ExportConfig) -> dict:
     """Export, verify and write; returns the report written to <out stem>.json."""
     quantize, paths = check_export(config)
-    if not MIN_OPSET <= config.opset <= onnx.defs.onnx_opset_version():
-        raise CnnedgeError(f"--opset {config.opset}: choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()}")
+    newest = max_opset()
+    if not MIN_OPSET <= config.opset <= newest:
+        raise CnnedgeError(f"--opset {config.opset}: choose {MIN_OPSET} to {newest} (the newest opset onnx "
+                           f"{onnx.__version__} and onnxruntime {ort.__version__} both support)")
     checkpoint = load_checkpoint(config.checkpoint)
     sha256 = file_sha256(config.checkpoint)
     threads = thread_count(config.threads)
@@ -675,11 +753,11 @@ def run(config: ExportConfig) -> dict:
         "variants": {v.precision: v.report for v in variants},
         "cnnedge_version": __version__, "export_date": date,
     }
-    write_outputs(models, paths["report"], report)
+    write_outputs(models, paths["report"], report, force=config.force)
     sizes = {k: f["size_bytes"] for k, f in report["files"].items()}
     console.print(variants_table(
         [("fp32", paths["fp32"], sizes["fp32"], fp32_accuracy, {})]
         + [(v.precision, v.path, sizes[v.precision], v.test_accuracy, v.report["vs_fp32"]) for v in variants],
         fp32_accuracy))
-    console.print("wrote " + ", ".join([*(str(p) for p, _ in models.values()), str(paths["report"])]))
+    console.print(printable("wrote " + ", ".join([*(str(p) for p, _ in models.values()), str(paths["report"])])), markup=False)
     return report

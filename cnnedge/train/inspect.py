@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnedge.atomic import write_bytes
+from cnnedge.atomic import check_writable, write_bytes
 from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
 from cnnedge.errors import CnnedgeError, ImageError
 from cnnedge.infer.files import read_image
@@ -113,6 +113,7 @@ def inspect(checkpoint_path: str | Path, image_path: str | Path | None = None, l
     checkpoint_path = Path(checkpoint_path)
     out_dir = Path(out_dir) if out_dir else checkpoint_path.with_name(checkpoint_path.stem + "_inspect")
     label = name.replace(".", "_")
+    check_writable(out_dir / f"{label}.filters.png")  # a path under a file, a read-only folder: before the work
     written = []
 
     weights = conv.weight.detach().numpy().mean(axis=1)  # deeper layers: averaged over input channels

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from cnnedge.atomic import write_text
 from cnnedge.errors import CnnedgeError, ExitCode
+from cnnedge.train.options import partial_path
 
 TRIAL_CHECKPOINT = "cnn.pt"
 RESULT_COLUMNS = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "best_val_accuracy", "best_epoch",
@@ -347,7 +348,7 @@ class Trial:
         """The folder is this trial's, or empty: never resume or skip another sweep's run."""
         record = self._record()
         if record is None:
-            if self.checkpoint.exists() or self.metrics_path.exists():
+            if self.checkpoint.exists() or self.partial.exists() or self.metrics_path.exists():
                 raise CnnedgeError(f"{self.folder} holds a run that is not from this sweep; use another --out")
             return
         if record.get("options") != json.loads(json.dumps(self.options)) or record.get("seed") != self.seed:
@@ -355,8 +356,12 @@ class Trial:
                                "sweep's command to continue it, or use another --out")
 
     @property
+    def partial(self) -> Path:
+        return partial_path(self.checkpoint)  # the epochs of a trial in progress
+
+    @property
     def done(self) -> bool:
-        return self.metrics_path.exists()
+        return self.metrics_path.exists() and not self.partial.exists()
 
     def row(self) -> dict:
         try:
@@ -371,7 +376,7 @@ class Trial:
         from cnnedge.train.trainer import run
 
         record = {"trial": self.name, "options": self.options, "seed": self.seed, "command": self.command}
-        resume = self.checkpoint.exists()
+        resume = self.partial.exists()
         write_text(self.record_path, json.dumps(record, indent=2) + "\n")
         start = time.perf_counter()
         with quiet_trainer():

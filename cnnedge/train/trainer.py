@@ -1,13 +1,16 @@
 """`cnnedge train`: train a zoo network on in-memory tensors, checkpoint every epoch, report on the test set.
 
 Reproducible by construction: every epoch reseeds from (seed, epoch), so a run resumed after an
-interruption retraces the uninterrupted one exactly. Each completed epoch is checkpointed atomically;
-Ctrl-C or SIGTERM abandons only the epoch in progress.
+interruption retraces the uninterrupted one exactly. Each completed epoch is checkpointed atomically into
+`<out stem>.partial.pt`; Ctrl-C or SIGTERM abandons only the epoch in progress, and `--resume` continues
+from that file. `--out` itself only ever holds a finished model: it is written last, after its metrics JSON
+and plots, so a reader never sees a checkpoint without its metrics. An existing `--out` is refused unless
+`--force` (or `--resume`), as export does.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import shlex
@@ -15,7 +18,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -29,12 +32,14 @@ from cnnedge import __version__
 from cnnedge.atomic import write_text
 from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cnnedge.train.data import Data, augment_batch, load_data, normalization, split_validation
-from cnnedge.train.options import check_hparams, check_train
 from cnnedge.choices import DEVICES
 from cnnedge.errors import CnnedgeError, ExitCode
+from cnnedge.infer.files import printable
 from cnnedge.metrics import classification_report, confusion_matrix
-from cnnedge.report import confusion_table, console, per_class_table
+from cnnedge.report import confusion_table, console, per_class_table, to_json, warn
 from cnnedge.threads import thread_count
+from cnnedge.train.options import (check_hparams, check_outputs, check_run, check_train, output_paths, partial_path,
+                                   resume_source)
 from cnnedge.train.zoo import DEFAULT_ARCH, get_arch
 
 # Used where neither the command line nor the architecture's recipe says otherwise.
@@ -50,6 +55,14 @@ FINETUNE_HPARAMS = dict(
     optimizer="adamw", lr=3e-3, weight_decay=1e-4, schedule="cosine", batch_size=16, epochs=60,
     loss="cross-entropy", label_smoothing=0.0, augment=True, backbone_lr_scale=0.3,
 )
+# A recipe is tuned for its dataset: edgenet's 3 epochs of batch 128 are 543 optimizer steps on MNIST, but 3
+# steps on 57 images. Unless --batch-size and --epochs say otherwise, a small dataset gets batches of at
+# most 1/8 of it and enough epochs for this many steps.
+MIN_STEPS = 500
+SMALL_BATCH = 8
+MAX_SMALL_EPOCHS = 300
+MAX_PRINTED_CLASSES = 30  # larger confusion matrices go to the metrics JSON only
+MAX_PLOTTED_CLASSES = 100
 
 
 @dataclass
@@ -68,6 +81,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     plots: bool = True
     hparams: dict = field(default_factory=dict)  # only what the user set; the rest comes from the recipe
+    force: bool = False  # replace an existing --out (and its metrics and plots)
     threads: int | None = None  # torch's CPU threads; None: the cores other processes leave free, at each epoch
 
 
@@ -126,8 +140,34 @@ def pick_device(name: str) -> torch.device:
 def resolve_hparams(arch: str, given: dict, fine_tune: bool = False) -> dict:
     recipe = FINETUNE_HPARAMS if fine_tune else get_arch(arch).recipe
     hp = {**DEFAULT_HPARAMS, **recipe, **{k: v for k, v in given.items() if v is not None}}
-    check_hparams(hp)
+    for warning in check_hparams(hp):
+        warn(warning)
     return hp
+
+
+def fit_to_dataset(hp: dict, given: dict, n_train: int, world: int = 1) -> tuple[str | None, str | None]:
+    """Adapt a recipe's batch size and epochs to a small dataset (see MIN_STEPS), in place, where the user did
+    not set them -> (what was changed, for the log; a warning when the user's own choice leaves far too few
+    optimizer steps)."""
+    steps = lambda batch, epochs: epochs * math.ceil(math.ceil(n_train / world) / batch)
+    recipe = (hp["batch_size"], hp["epochs"])
+    if steps(*recipe) >= MIN_STEPS:
+        return None, None
+    if given.get("batch_size") is None:
+        hp["batch_size"] = min(hp["batch_size"], max(SMALL_BATCH, n_train // 8))
+    if given.get("epochs") is None:
+        hp["epochs"] = max(hp["epochs"], min(MAX_SMALL_EPOCHS, math.ceil(MIN_STEPS / steps(hp["batch_size"], 1))))
+    total = steps(hp["batch_size"], hp["epochs"])
+    fitted = warning = None
+    if (hp["batch_size"], hp["epochs"]) != recipe:
+        fitted = (f"small dataset ({n_train:,} training images): batch {hp['batch_size']} and {hp['epochs']} epochs, "
+                  f"{total:,} optimizer steps (batch {recipe[0]} and {recipe[1]} epochs would be {steps(*recipe):,}); "
+                  f"set --batch-size and --epochs to choose")
+    if total < MIN_STEPS // 5:
+        warning = (f"{n_train:,} training images in batches of {hp['batch_size']} for {hp['epochs']} epoch(s) are only "
+                   f"{total:,} optimizer steps (the recipes are tuned for about {MIN_STEPS}): the network will learn "
+                   f"little; use a smaller --batch-size or more --epochs")
+    return fitted, warning
 
 
 def make_optimizer(params, hp: dict) -> torch.optim.Optimizer:
@@ -175,7 +215,10 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def train_epoch(model, optimizer, scheduler, x, y, order, mean, std, hp, device, progress, task, world) -> tuple[float, float]:
+def train_epoch(model, optimizer, scheduler, x, y, order, mean, std, hp, device, progress, task, world,
+                total_steps: int | None = None) -> tuple[float, float]:
+    """One epoch; the scheduler steps after every optimizer step but the very last of the run (`total_steps`):
+    a one-cycle or cosine schedule stepped past its end turns back up."""
     model.train()
     if getattr(model, "keep_bn_statistics", False):
         model.eval()  # fine-tuning keeps the source's BatchNorm statistics (BN weights and biases still train)
@@ -192,7 +235,8 @@ def train_epoch(model, optimizer, scheduler, x, y, order, mean, std, hp, device,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
+        if total_steps is None or scheduler.last_epoch < total_steps - 1:
+            scheduler.step()
         totals[0] += loss.detach() * len(idx)
         totals[1] += (logits.argmax(1) == yb).sum()
         totals[2] += len(idx)
@@ -288,20 +332,75 @@ def run(config: TrainConfig, command: str | None = None, on_epoch: Callable[[dic
             torch.distributed.destroy_process_group()
 
 
+def resume_point(out: Path) -> tuple[Path, dict]:
+    """(the file to resume from, its checkpoint), checked as far as it can be before the data is loaded."""
+    source = resume_source(out)
+    resumed = load_checkpoint(source)
+    if source == out and resumed.get("complete"):
+        raise CnnedgeError(f"--resume: {out} is a finished run of {resumed.get('epoch')} epochs, nothing to resume; "
+                           "train into another --out, or pass --force without --resume to train again")
+    config, hp, epoch, history = (resumed.get(k) for k in ("config", "hparams", "epoch", "history"))
+    if not isinstance(config, dict) or not isinstance(hp, dict) or "optimizer_state" not in resumed:
+        raise CnnedgeError(f"--resume: {source} carries no training state (config, hparams, optimizer state)")
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(str(k) for k in config if k not in names)
+    if unknown:
+        raise CnnedgeError(f"--resume: {source}: unknown training options {', '.join(unknown)[:200]}")
+    def wrong(key: str, value, kind) -> bool:
+        return key in config and config[key] is not None and not isinstance(config[key], kind)
+    for key, kind in (("arch", str), ("dataset", str), ("data_dir", str), ("from_checkpoint", str), ("hparams", dict),
+                      ("freeze_backbone", bool), ("plots", bool), ("download", bool), ("force", bool)):
+        if wrong(key, config.get(key), kind):
+            raise CnnedgeError(f"--resume: {source}: training option {key} is {config[key]!r}")
+    try:
+        get_arch(config.get("arch", DEFAULT_ARCH))
+        check_run(config.get("limit"), config.get("seed", 0), config.get("val_fraction"))
+        missing = [k for k in DEFAULT_HPARAMS if k not in hp]
+        if missing:
+            raise CnnedgeError(f"hyperparameters {', '.join(missing)} are missing")
+        check_hparams(hp)
+    except CnnedgeError as e:
+        raise CnnedgeError(f"--resume: {source}: {e}") from None
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= hp["epochs"]:
+        raise CnnedgeError(f"--resume: {source}: epoch {epoch!r} is not one of the run's {hp['epochs']} epochs")
+    if (not isinstance(history, list) or len(history) != epoch
+            or not all(isinstance(h, dict) and h.get("epoch") == i + 1 for i, h in enumerate(history))):
+        raise CnnedgeError(f"--resume: {source}: its history does not list epochs 1 to {epoch}")
+    return source, resumed
+
+
+def _written_by(out: Path, resumed: dict) -> bool:
+    """Whether the checkpoint in `out` is the end of the run `resumed` is part of (the same epochs so far)."""
+    if not os.path.lexists(out):
+        return False
+    try:
+        finished = load_checkpoint(out)
+    except CnnedgeError:
+        return False
+    history = resumed["history"]
+    return bool(finished.get("complete")) and finished.get("history", [])[: len(history)] == history
+
+
 def _run(config: TrainConfig, command: str | None, dist: Distributed, device: torch.device, on_epoch=None) -> dict | None:
     out = Path(config.out)
+    partial = partial_path(out)
     command = command or shlex.join(["cnnedge", *sys.argv[1:]])
-    say = console.print if dist.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
+    # Rank 0 alone logs; lines name paths, which are shown escaped and never read as rich markup.
+    say = (lambda text: console.print(printable(text), markup=False)) if dist.main else (lambda text: None)
     check_train(config.arch, config.dataset, config.data_dir, config.download, config.out, config.resume,
                 config.from_checkpoint, config.freeze_backbone)
-    resumed = None
+    resumed = source = None
     if config.resume:
-        resumed = load_checkpoint(out)
-        if "config" not in resumed:
-            raise CnnedgeError(f"--resume: {out} carries no training state")
-        config = TrainConfig(**{**resumed["config"], "out": str(out), "device": config.device, "resume": True,
-                                "threads": config.threads or resumed["config"].get("threads")})
+        if config.force:
+            raise CnnedgeError("--resume continues an interrupted run as it was started: it takes no --force")
+        source, resumed = resume_point(out)
+        overrides = {k: v for k, v in (("data_dir", config.data_dir), ("download", config.download or None),
+                                       ("threads", config.threads)) if v}
+        config = TrainConfig(**{**resumed["config"], **overrides, "out": str(out), "device": config.device, "resume": True})
         command = resumed.get("command", command)
+    else:
+        check_run(config.limit, config.seed, config.val_fraction)
+        check_outputs(config.out, config.force)
 
     base = None
     if config.from_checkpoint:
@@ -311,14 +410,16 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
     started = time.perf_counter()
     data = load_data(config.dataset, config.data_dir, config.download)
     seconds = {"data": time.perf_counter() - started}  # where the run's time goes (metrics JSON)
+    if resumed is not None and data.class_names != resumed["class_names"]:
+        raise CnnedgeError(f"--resume: {data.name} now has {len(data.class_names)} classes, the interrupted run "
+                           f"trained on {len(resumed['class_names'])} ({', '.join(resumed['class_names'])[:120]}): "
+                           "a class folder was added or removed; train into a new --out")
     if config.limit:
         data.x_train, data.y_train = data.x_train[: config.limit], data.y_train[: config.limit]
     if config.val_fraction is None:
         # A fine-tuning set is often tiny (54 images): a 5% split would hold out about 3 images, say
         # nothing and cost training data. With a test split to report on, keep every image for training.
         config.val_fraction = 0.0 if base is not None and data.x_test is not None else 0.05
-    if not 0 <= config.val_fraction < 1:
-        raise CnnedgeError(f"--val-fraction must be at least 0 and below 1, not {config.val_fraction}")
     arch = get_arch(config.arch)
     if tuple(data.x_train.shape[1:]) != arch.input_shape:
         raise CnnedgeError(f"{data.name}: images are {tuple(data.x_train.shape[1:])}, {arch.name} expects {arch.input_shape}")
@@ -327,6 +428,11 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
     if data.x_test is None and not len(val_idx):
         raise CnnedgeError(f"{data.name} has no test split and --val-fraction {config.val_fraction} holds out no "
                            "image: nothing to report accuracy on (add a test/ folder or raise --val-fraction)")
+    fitted = warning = None
+    if resumed is None and base is None:  # the fine-tuning recipe is made for a few dozen images already
+        fitted, warning = fit_to_dataset(hp, config.hparams, len(train_idx), dist.world)
+    if warning and dist.main:
+        warn(warning)
     if resumed is not None or base is not None:  # keep the saved (or base network's) input convention
         mean, std, preprocess = ((resumed or base)[k] for k in ("mean", "std", "preprocess"))
     else:
@@ -347,7 +453,11 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
     history: list[dict] = []
     start_epoch = 1
     if resumed is not None:
-        model.load_state_dict(resumed["state_dict"])
+        try:
+            model.load_state_dict(resumed["state_dict"])
+        except RuntimeError as e:
+            raise CnnedgeError(f"--resume: {source}: its weights do not fit {config.arch} "
+                               f"({' '.join(str(e).split())[:160]})") from None
         history = list(resumed.get("history", []))
         start_epoch = resumed["epoch"] + 1
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -370,10 +480,14 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
     optimizer = make_optimizer(params, hp)
     steps_per_epoch = math.ceil(len(sampler) / hp["batch_size"])
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch)
-    if resumed is not None and "optimizer_state" in resumed:
-        optimizer.load_state_dict(resumed["optimizer_state"])
-        scheduler.load_state_dict(resumed["scheduler_state"])
+    total_steps = hp["epochs"] * steps_per_epoch
     if resumed is not None:
+        try:
+            optimizer.load_state_dict(resumed["optimizer_state"])
+            scheduler.load_state_dict(resumed["scheduler_state"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CnnedgeError(f"--resume: {source}: its optimizer state does not fit this run "
+                               f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
         say(f"resuming {out}: {resumed['epoch']} of {hp['epochs']} epochs done")
 
     # Results depend on the thread count (parallel sums round differently): the same seed and --threads give the
@@ -398,6 +512,8 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
         head = " (imprinted from the class means)" if config.freeze_backbone else ""
         say(f"fine-tuning {config.from_checkpoint} (trained on {base.get('dataset', '?')}): new {num_classes}-class "
             f"head{head}, backbone {backbone}, BatchNorm statistics kept")
+    if fitted:
+        say(fitted)
     say(f"training {config.arch} on {data.name} ({len(train_idx):,} train / {len(val_idx):,} val"
         f"{'' if data.x_test is None else f' / {len(data.x_test):,} test'}) on {device}{processes}"
         f" ({threads} CPU thread{'s' if threads > 1 else ''}): "
@@ -422,7 +538,12 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
                               console=console, transient=True, disable=not dist.main) as progress:
                     task = progress.add_task("train", total=steps_per_epoch, loss=0.0, acc=0.0)
                     train_loss, train_acc = train_epoch(net, optimizer, scheduler, x_train, y_train, order, mean_t,
-                                                        std_t, hp, device, progress if dist.main else None, task, dist.world)
+                                                        std_t, hp, device, progress if dist.main else None, task, dist.world,
+                                                        total_steps)
+                if not math.isfinite(train_loss):  # every process sees the same all-reduced loss
+                    kept = f"{partial} keeps epoch {saved}" if saved else "nothing was saved"
+                    raise CnnedgeError(f"training diverged in epoch {epoch} (loss {train_loss}); {kept}: lower --lr "
+                                       f"(it is {hp['lr']:g}) or try another --optimizer")
                 if dist.main:
                     val_loss, val_acc = None, None
                     if len(val_idx):
@@ -434,9 +555,11 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
                     history.append(h)
                     say(_history_line(h, hp["epochs"]))
                     with hold():
-                        save_checkpoint(out, {**run_info, "epoch": epoch, "complete": False, "history": history,
-                                              "state_dict": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                                              "scheduler_state": scheduler.state_dict()})
+                        # The first save of a new run claims the name: a run started meanwhile is not replaced.
+                        save_checkpoint(partial, {**run_info, "epoch": epoch, "complete": False, "history": history,
+                                                  "state_dict": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                                                  "scheduler_state": scheduler.state_dict()},
+                                        overwrite=resumed is not None or config.force or saved > 0)
                         saved = epoch
                     if on_epoch is not None:
                         on_epoch(h)
@@ -444,13 +567,24 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
                     torch.distributed.barrier()  # nobody starts the next epoch before the checkpoint is on disk
     except Interrupted as e:
         code = ExitCode.INTERRUPTED if e.signum == signal.SIGINT else ExitCode.TERMINATED
-        kept = f"{out} keeps epoch {saved}; continue with --resume" if saved else "no epoch completed"
+        holder = source if source is not None and saved == start_epoch - 1 else partial
+        kept = (f"{holder} keeps epoch {saved}; continue with `cnnedge train --out {out} --resume`" if saved
+                else "no epoch completed")
         raise CnnedgeError(f"interrupted during epoch {saved + 1}: {kept}", code) from None
 
     if not dist.main:
         return None
     seconds["epochs"] = sum(h["seconds"] for h in history[start_epoch - 1:])
-    return finish(model, data, run_info, history, mean_t, std_t, hp, device, out, val_idx, config.plots, seconds)
+    # The finished model replaces an existing --out only if the run was started with --force, or if --out is
+    # this run's own (an older cnnedge kept the run there; a kill came after it was written, before the
+    # partial file was removed); else it is published only if nobody wrote --out meanwhile.
+    metrics = finish(model, data, run_info, history, mean_t, std_t, hp, device, out, val_idx, config.plots,
+                     overwrite=config.force or source == out or (resumed is not None and _written_by(out, resumed)),
+                     seconds=seconds)
+    if source != out:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)  # cnnedge wrote it; the finished model in --out replaces it
+    return metrics
 
 
 def training_samples(x: torch.Tensor, y: torch.Tensor, hp: dict, seed: int, n: int = 25) -> tuple[np.ndarray, np.ndarray]:
@@ -485,8 +619,9 @@ def prediction_picks(model, x, y: np.ndarray, preds: np.ndarray, mean_t, std_t, 
 
 
 def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out: Path, val_idx, plots: bool,
-           seconds: dict | None = None) -> dict:
-    """Final report on the test set (validation when there is none); complete checkpoint, metrics, plots."""
+           overwrite: bool = True, seconds: dict | None = None) -> dict:
+    """Final report on the test set (validation when there is none): plots and metrics, then the complete
+    checkpoint, last, so that a checkpoint in --out always has its metrics beside it."""
     if data.x_test is not None:
         split, x, y = "test", data.x_test, data.y_test
     else:
@@ -507,29 +642,34 @@ def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out:
         "seconds": seconds,  # where the time went: data loading, set-up, epochs (with validation), test, plots
     }
     summary = {k: metrics[k] for k in (f"{split}_accuracy", f"{split}_loss", "train_seconds")}
-    save_checkpoint(out, {**run_info, "epoch": run_info["epochs"], "complete": True, "history": history,
-                          "metrics": summary, "state_dict": model.state_dict()})
-    written = [out]
+    metrics_path, curves_path, confusion_path, samples_path, predictions_path, _ = output_paths(out)
+    written = []
     if plots:
         from cnnedge.train.plots import plot_confusion, plot_curves, plot_predictions, plot_samples
 
         t0 = time.perf_counter()
+        written.append(plot_curves(history, curves_path))
+        if len(data.class_names) <= MAX_PLOTTED_CLASSES:
+            written.append(plot_confusion(cm, data.class_names, confusion_path))
         keep = torch.ones(len(data.x_train), dtype=torch.bool)
         keep[val_idx] = False  # samples from the training split only
         images, labels = training_samples(data.x_train[keep], data.y_train[keep], hp, run_info["seed"])
         picks, confidence = prediction_picks(model, x, y.numpy(), preds, mean_t, std_t, device, run_info["seed"])
-        written += [plot_curves(history, out.with_name(out.stem + ".curves.png")),
-                    plot_confusion(cm, data.class_names, out.with_name(out.stem + ".confusion.png")),
-                    plot_samples(images, labels, data.class_names, hp["augment"], out.with_name(out.stem + ".samples.png")),
+        written += [plot_samples(images, labels, data.class_names, hp["augment"], samples_path),
                     plot_predictions(x[picks].squeeze(1).numpy(), preds[picks], y.numpy()[picks], confidence,
-                                     data.class_names, int((preds != y.numpy()).sum()), split,
-                                     out.with_name(out.stem + ".predictions.png"))]
+                                     data.class_names, int((preds != y.numpy()).sum()), split, predictions_path)]
         seconds["plots"] = time.perf_counter() - t0
-    metrics_path = out.with_name(out.stem + ".metrics.json")
-    write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    write_text(metrics_path, to_json(metrics) + "\n", overwrite=overwrite)
     written.append(metrics_path)
+    save_checkpoint(out, {**run_info, "epoch": run_info["epochs"], "complete": True, "history": history,
+                          "metrics": summary, "state_dict": model.state_dict()}, overwrite=overwrite)
+    written.insert(0, out)
     console.print(per_class_table(cm, data.class_names, title=f"{split} accuracy per class"))
-    console.print(confusion_table(cm, data.class_names))
+    if len(data.class_names) <= MAX_PRINTED_CLASSES:
+        console.print(confusion_table(cm, data.class_names))
+    missed = [name for name, acc in report["per_class_accuracy"].items() if acc == 0]  # None: no image of it
+    if missed:
+        warn(f"{len(missed)} class(es) never recognised on the {split} split: {', '.join(missed[:10])[:200]}")
     console.print(f"{split} accuracy {100 * report['accuracy']:.2f}% (loss {loss:.4f}) after {train_seconds:.1f} s of training")
-    console.print("wrote " + ", ".join(str(p) for p in written))
+    console.print(printable("wrote " + ", ".join(str(p) for p in written)), markup=False)
     return metrics
