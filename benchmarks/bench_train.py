@@ -113,8 +113,8 @@ def time_to_accuracy(target: float) -> dict:
     reached = []
     save = trainer.save_checkpoint
 
-    def measuring_save(path, checkpoint):
-        save(path, checkpoint)
+    def measuring_save(path, checkpoint, **options):
+        save(path, checkpoint, **options)
         if checkpoint["complete"]:
             return
         model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)

@@ -14,18 +14,20 @@ def test_refusals_of_train_export_summary_and_inspect_never_import_torch(tmp_pat
     (tmp_path / "exists.onnx").write_bytes(b"")
     (tmp_path / "empty").mkdir()
     model = ROOT / "models" / "cnn.pt"
+    x = ("--out", tmp_path / "x.pt")
     refusals = {  # argv -> what the one line names
         ("export", model, "--out", tmp_path / "exists.onnx"): "already exists; pass --force",
         ("export", tmp_path / "nope.pt"): "no such checkpoint file",
-        ("export", model, "--calibration-images", "0"): "--calibration-images",
-        ("train", "--epochs", "0"): "--epochs",
-        ("train", "--lr", "-1"): "--lr",
-        ("train", "--arch", "nope"): "unknown architecture 'nope'",
-        ("train", "--dataset", "cifar"): "unknown dataset 'cifar'",
-        ("train", "--data-dir", tmp_path / "empty", "--out", tmp_path / "x.pt"): "mnist not found",
+        ("export", model, "--calibration-images", "0", "--out", tmp_path / "y.onnx"): "--calibration-images",
+        ("train", "--out", model): "already exists; pass --force",
+        ("train", "--epochs", "0", *x): "--epochs",
+        ("train", "--lr", "-1", *x): "--lr",
+        ("train", "--arch", "nope", *x): "unknown architecture 'nope'",
+        ("train", "--dataset", "cifar", *x): "unknown dataset 'cifar'",
+        ("train", "--data-dir", tmp_path / "empty", *x): "mnist not found",
         ("train", "--resume", "--out", tmp_path / "nope.pt"): "--resume",
-        ("train", "--from", tmp_path / "nope.pt", "--out", tmp_path / "x.pt"): "no such checkpoint file",
-        ("train", "--freeze-backbone", "--out", tmp_path / "x.pt"): "--freeze-backbone needs --from",
+        ("train", "--from", tmp_path / "nope.pt", *x): "no such checkpoint file",
+        ("train", "--freeze-backbone", *x): "--freeze-backbone needs --from",
         ("summary", "--arch", "nope"): "unknown architecture 'nope'",
         ("inspect", tmp_path / "nope.pt"): "no such checkpoint file",
         ("inspect", model, "--image", tmp_path / "missing.png"): "missing.png",
