@@ -198,7 +198,7 @@ def export_paths(config: ExportConfig, quantize: list[str]) -> dict[str, Path]:
 
 def check_export(config: ExportConfig) -> tuple[list[str], dict[str, Path]]:
     """(the variants to write, every output path): the options, the checkpoint file, and outputs that exist
-    without --force. The opset is checked once onnx is loaded (its newest opset is onnx's to say)."""
+    without --force. The opset is checked once onnx and onnxruntime are loaded (the newest is theirs to say)."""
     quantize = [q for q in dict.fromkeys(config.quantize) if q != "none"]
     for q in quantize:
         if q not in QUANTIZATIONS:
