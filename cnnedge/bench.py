@@ -40,6 +40,7 @@ import numpy as np
 
 from cnnedge.errors import CnnedgeError
 from cnnedge.infer.modelinfo import INPUT_NAME, LOGITS_NAME, ModelInfo, default_model, file_sha256
+from cnnedge.threads import free_cores, thread_count
 
 DEFAULT_CHECKPOINT = "models/cnn.pt"
 PROVIDER_NAMES = ("cpu", "cuda", "tensorrt")
@@ -59,7 +60,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 64, 256)
     providers: tuple[str, ...] = ("auto",)
     runtimes: tuple[str, ...] | None = None  # None: every installed one (onnxruntime where it is, and OpenCV)
-    threads: int | None = None  # None: the CPU count, for onnxruntime and torch alike
+    threads: int | None = None  # None: the free cores (cnnedge.threads), for onnxruntime and torch alike
     warmup: int = 10
     repeat: int = 30
     min_time: float = 1.0
@@ -185,14 +186,13 @@ def onnx_engine(path: Path, provider: str, threads: int) -> Engine:
     from cnnedge.infer.runtime import Runtime
 
     rt = Runtime(path, provider, threads)
-    session = rt.session
     dtype = rt.input_dtype
 
     def run(x: np.ndarray) -> np.ndarray:
-        return session.run([LOGITS_NAME], {INPUT_NAME: x.astype(dtype, copy=False)})[0]
+        return rt.forward(x.astype(dtype, copy=False))[0]  # as predict runs it (int8: batch slices, see runtime.SLICE)
 
     return Engine("onnxruntime", rt.provider, rt.info.precision, str(path), path.stat().st_size,
-                  f"onnxruntime {ort.__version__}", list(session.get_providers()), run, rt.info)
+                  f"onnxruntime {ort.__version__}", list(rt.session.get_providers()), run, rt.info)
 
 
 def opencv_engine(path: Path, threads: int) -> Engine:
@@ -303,22 +303,22 @@ def make_engines(cfg: BenchConfig, threads: int, notes: list[str]) -> list[Engin
                 group += runtime_engines(runtime, provider, variants, threads, notes)
             except CnnedgeError as e:
                 errors[runtime] = e
+        if not group and provider == "cpu" and errors:  # the model itself is unusable
+            raise next(iter(errors.values()))
+        if checkpoint is not None and (group or not auto):  # PyTorch's rows even where onnxruntime has no such provider
+            try:
+                group.insert(0, torch_engine(checkpoint, provider, threads))
+            except CnnedgeError as e:
+                errors["PyTorch"] = e
         if not group:
-            if provider == "cpu" and errors:  # the model itself is unusable
-                raise next(iter(errors.values()))
             why = next(iter(errors.values()), "OpenCV DNN runs on the CPU only")
             if errors or not auto:
                 failed.append(f"{provider}: {why}")
             continue
         notes += [f"no {runtime} {provider} rows: {e}" for runtime, e in errors.items()]
-        if checkpoint is not None:
-            try:
-                group.insert(0, torch_engine(checkpoint, provider, threads))
-            except CnnedgeError as e:
-                notes.append(f"no PyTorch {provider} rows: {e}")
         engines += group
-    if not engines:
-        raise CnnedgeError("no requested provider can run the model: " + "; ".join(failed))
+    if not any(e.info is not None for e in engines):  # PyTorch rows alone: nothing to compare them with
+        raise CnnedgeError("no requested provider can run the model in onnxruntime or OpenCV: " + "; ".join(failed))
     notes += [f"no rows for provider {f}" for f in failed]
     info = next(e.info for e in engines if e.info is not None)
     if checkpoint is not None and info.checkpoint_sha256 and info.checkpoint_sha256 != file_sha256(checkpoint):
@@ -491,7 +491,8 @@ def machine() -> dict:
     except OSError:
         pass
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": load, "platform": platform.platform(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": load, "free_cores": round(free_cores(), 2),
+            "platform": platform.platform(),
             "python": platform.python_version()}
 
 
@@ -652,7 +653,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda message: None
     from cnnedge import __version__
 
     check_config(cfg)
-    threads = cfg.threads or os.cpu_count() or 1
+    threads = thread_count(cfg.threads)
     notes: list[str] = []
     host = machine()  # the load average before we add to it
     progress("loading models")
@@ -688,6 +689,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda message: None
                      "opencv": cv2.__version__, "numpy": np.__version__,
                      "torch": torch_used.version.split()[1] if torch_used else None},
         "threads": {"onnxruntime_intra_op": threads, "onnxruntime_inter_op": 1, "opencv": cv2.getNumThreads(),
+                    "onnxruntime_int8_slices": threads,  # int8 on the CPU: slices of 1 thread (runtime.SLICE)
                     "torch": threads if torch_used else None,
                     "preprocess_workers": predict_rows[0]["workers"] if predict_rows else None,
                     # OpenMP's waiting threads spin by default: on a busy machine that can cost torch 100x
@@ -727,11 +729,14 @@ def _pct(value) -> str:
 def header_lines(doc: dict) -> list[str]:
     m, t, model, peak = doc["machine"], doc["threads"], doc["model"], doc["peak_gflops"]
     load = f", load average {m['load_average'][0]:.2f} at start" if m.get("load_average") else ""
+    load += f", {m['free_cores']:.2f} left free by other processes" if m.get("free_cores") is not None else ""
     macs = f"{model['macs_per_image']:,} MACs/image" if model["macs_per_image"] else "MACs unknown"
     env = ", ".join(f"{k}={v}" for k, v in t["environment"].items() if v)
     torch_part = f"torch {doc['versions']['torch']} {_threads(t['torch'])}" if t["torch"] else "no torch"
     torch_part += f" ({env})" if env else ""
-    ort_part = (f"onnxruntime {doc['versions']['onnxruntime']} intra-op {t['onnxruntime_intra_op']} (inter-op 1, sequential)"
+    slices = t.get("onnxruntime_int8_slices") or 1
+    int8 = f", int8 cpu: {slices} batch slices of 1 thread" if slices > 1 else ""
+    ort_part = (f"onnxruntime {doc['versions']['onnxruntime']} intra-op {t['onnxruntime_intra_op']} (inter-op 1, sequential{int8})"
                 if doc["versions"]["onnxruntime"] else "no onnxruntime")
     lines = [
         f"model: {model['path']} ({model['arch']}, {macs}); accuracy: {model['accuracy_on'] or 'not measured'}, each row on its own runtime",

@@ -26,8 +26,13 @@ app = typer.Typer(
     rich_markup_mode=None,  # help texts say "[default: ...]", which rich markup would swallow
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-TRAIN_MODULES = ("torch", "torchvision", "onnx", "onnxscript", "matplotlib")  # the cnnedge[train] extra
+# What each command imports from the cnnedge[train] extra (torch, torchvision, onnx, onnxscript, matplotlib):
+# a machine with torch alone (a GPU box's own python3) trains MNIST, which is read without torchvision.
+TRAIN_MODULES = {"train": ("torch",), "summary": ("torch",), "inspect": ("torch",),
+                 "export": ("torch", "onnx", "onnxscript"), "sweep": ("torch", "torchvision", "matplotlib")}
 SHIPPED_MODEL = "[default: the shipped model, cnnedge/infer/model/cnn.onnx in a wheel, export/cnn.onnx in the repo]"
+THREADS_HELP = ("CPU threads (torch and onnxruntime) [default: the cores other processes leave free, or "
+                "OMP_NUM_THREADS when set].")
 RUNTIME_HELP = ("What runs the network: onnxruntime, or opencv (OpenCV DNN, CPU only: for boards without onnxruntime "
                 "wheels such as 32-bit ARM) [default: onnxruntime; opencv where onnxruntime is not installed].")
 
@@ -142,9 +147,9 @@ def _broken_pipe() -> None:
     sys.exit(ExitCode.BROKEN_PIPE)
 
 
-def needs_torch(command: str) -> None:
+def needs_torch(command: str, *also: str) -> None:
     """Commands that train or export need the cnnedge[train] extra; say so in one line before importing it."""
-    missing = [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
+    missing = [m for m in (*TRAIN_MODULES[command], *also) if importlib.util.find_spec(m) is None]
     if missing:
         raise CnnedgeError(f"`cnnedge {command}` needs {', '.join(missing)}, which this install lacks: "
                            f'pip install "cnnedge[train]"')
@@ -195,7 +200,7 @@ def train(
     label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing for cross-entropy [default: recipe]."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random affine and stroke width [default: recipe]."),
     device: Device = typer.Option("auto", help="Where to train: auto picks cuda, then mps, then cpu."),
-    seed: int = typer.Option(0, help="Seed: the same seed on CPU gives the same metrics."),
+    seed: int = typer.Option(0, help="Seed: the same seed and --threads on CPU give the same metrics."),
     val_fraction: Optional[float] = typer.Option(None, help="Fraction of the training set held out for validation [default: 0.05; 0 with --from when the dataset has a test split]."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N training images (quick checks)."),
     out: Path = typer.Option(Path("models/cnn.pt"), help="Checkpoint to write when training ends (with .metrics.json and plots beside it); completed epochs go to <stem>.partial.pt until then."),
@@ -205,9 +210,12 @@ def train(
     from_checkpoint: Optional[Path] = typer.Option(None, "--from", help="Fine-tune this checkpoint: new head for the dataset's classes; unset options come from the fine-tuning recipe (docs/training.md)."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="With --from: train only the new head."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots of the curves and confusion matrix."),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
     """Train a network and write a checkpoint, its metrics JSON and plots."""
-    from cnnedge.train.options import check_hparams, check_outputs, check_run  # torch-free: fails fast
+    torchvision = download or not (dataset == "mnist" or dataset.startswith("imagefolder:"))  # MNIST: numpy reads it
+    needs_torch("train", *(["matplotlib"] if plots else []), *(["torchvision"] if torchvision else []))
+    from cnnedge.train.options import check_hparams, check_outputs, check_run, check_train  # torch-free: fails fast
 
     hparams = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                    weight_decay=weight_decay, schedule=schedule, loss=loss, label_smoothing=label_smoothing,
@@ -222,13 +230,14 @@ def train(
                                f"{', '.join(given)} cannot change (train into a new --out to change them)")
     else:
         check_outputs(out, force)
-    needs_torch("train")
+    check_train(arch, dataset, str(data_dir) if data_dir else None, download, str(out), resume,
+                str(from_checkpoint) if from_checkpoint else None, freeze_backbone)
     from cnnedge.train.trainer import TrainConfig, run
 
     run(TrainConfig(arch=arch, dataset=dataset, data_dir=str(data_dir) if data_dir else None, out=str(out),
                     device=device, seed=seed, val_fraction=val_fraction, limit=limit, download=download, resume=resume,
                     from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
-                    freeze_backbone=freeze_backbone, plots=plots, hparams=hparams, force=force))
+                    freeze_backbone=freeze_backbone, plots=plots, hparams=hparams, force=force, threads=threads))
 
 
 # ----------------------------------------------------------------------------------------------- sweep
@@ -306,7 +315,10 @@ def summary(
 ) -> None:
     """List the model zoo, or check one architecture's real module against its documented table."""
     needs_torch("summary")
-    from cnnedge.train.zoo import print_summary
+    from cnnedge.train.zoo import get_arch, print_summary  # the registry is torch-free
+
+    if arch is not None:
+        get_arch(arch)
 
     print_summary(arch, num_classes)
 
@@ -323,14 +335,19 @@ def export(
     calibration_images: int = typer.Option(1000, help="Training images that calibrate --quantize int8."),
     data_dir: Optional[Path] = typer.Option(None, help="Dataset root for parity and accuracy [default: $CNNEDGE_DATA, else ~/.cache/cnnedge]."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
     """Export a checkpoint to ONNX, verified layer by layer and against PyTorch, with embedded metadata."""
     needs_torch("export")
-    from cnnedge.train.export import ExportConfig, run
+    from cnnedge.train.options import ExportConfig, check_export  # torch-free: refusals before torch's start-up
 
-    run(ExportConfig(checkpoint=str(checkpoint), out=str(out) if out else None, opset=opset,
-                     quantize=tuple(q.value for q in quantize or ()), calibration_images=calibration_images,
-                     data_dir=str(data_dir) if data_dir else None, force=force))
+    config = ExportConfig(checkpoint=str(checkpoint), out=str(out) if out else None, opset=opset,
+                          quantize=tuple(q.value for q in quantize or ()), calibration_images=calibration_images,
+                          data_dir=str(data_dir) if data_dir else None, force=force, threads=threads)
+    check_export(config)
+    from cnnedge.train.export import run
+
+    run(config)
 
 
 # --------------------------------------------------------------------------------------------- inspect
@@ -345,7 +362,17 @@ def inspect(
 ) -> None:
     """Filters of a conv layer as a PNG grid, and what they do to an image (cv2.filter2D vs the network)."""
     needs_torch("inspect")
-    from cnnedge.infer.files import printable
+    from cnnedge.train.checkpoint import check_checkpoint_file  # torch-free: refusals before torch's start-up
+
+    check_checkpoint_file(checkpoint)
+    from cnnedge.errors import ImageError
+    from cnnedge.infer.files import printable, read_image
+
+    if image is not None:
+        try:
+            read_image(image)
+        except ImageError as e:
+            raise CnnedgeError(f"{printable(str(image))}: {e}") from None
     from cnnedge.report import console
     from cnnedge.train.inspect import inspect as run_inspect
 
@@ -391,6 +418,7 @@ def predict(
     gallery: Optional[Path] = typer.Option(None, help="Classes from `cnnedge enroll` instead of the model's: the nearest class prototype wins."),
     metric: Optional[Metric] = typer.Option(None, help="With --gallery: cosine, or ssd (sum of squared differences) [default: the gallery's]."),
     runtime: Optional[Runtime] = typer.Option(None, help=RUNTIME_HELP),
+    threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime (or OpenCV) threads that run the network [default: the cores other processes leave free, or OMP_NUM_THREADS when set]."),
     grid: Optional[Path] = typer.Option(None, help="Also draw the 28x28 network inputs with their predictions into this PNG, red where a class folder says a prediction is wrong (the first 400 images)."),
 ) -> None:
     """Classify images with onnxruntime or OpenCV DNN (no PyTorch): a table, JSON or CSV, and accuracy for class folders."""
@@ -400,7 +428,7 @@ def predict(
                        batch_size=batch_size, topk=topk, fmt=output_format,
                        save_crops=str(save_crops) if save_crops else None, workers=workers,
                        gallery=str(gallery) if gallery else None, metric=metric, runtime=runtime,
-                       grid=str(grid) if grid else None)
+                       grid=str(grid) if grid else None, threads=threads)
     if code:
         raise typer.Exit(code)
 
@@ -512,7 +540,7 @@ def bench(
     batch_sizes: str = typer.Option("1,64,256", help="Comma-separated batch sizes."),
     providers: str = typer.Option("auto", help="Comma-separated cpu, cuda, tensorrt; auto: cpu, and cuda where it really loads."),
     runtimes: Optional[str] = typer.Option(None, help="Comma-separated onnxruntime, opencv (OpenCV DNN, CPU only) [default: every installed one]."),
-    threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op, OpenCV and torch threads [default: CPU count]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op, OpenCV and torch threads [default: the cores other processes leave free, or OMP_NUM_THREADS when set]."),
     warmup: int = typer.Option(10, min=0, help="Untimed calls before each measurement."),
     repeat: int = typer.Option(30, min=1, help="At least this many timed calls per row (and 3 runs of the file benchmarks)."),
     min_time: float = typer.Option(1.0, min=0.0, help="And at least this many seconds per row."),

@@ -17,7 +17,7 @@ from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
 from cnnedge.train.data import load_data
 from conftest import ROOT, assert_one_line_error, run_cli
 
-SMALL = ("--limit", "3000", "--epochs", "2", "--no-plots")
+SMALL = ("--limit", "3000", "--epochs", "2", "--no-plots", "--threads", "1")  # results depend on the thread count
 
 
 def _metrics(out) -> dict:
@@ -68,6 +68,7 @@ def test_same_seed_same_metrics(small_run, tmp_path):
     out = tmp_path / "again.pt"
     assert run_cli("train", *SMALL, "--seed", "1", "--out", out).returncode == 0
     first, second = _metrics(small_run), _metrics(out)
+    assert [h["threads"] for h in first["history"]] == [1, 1]
     assert not list(out.parent.glob("*.png"))  # --no-plots: no curves, confusion, samples or predictions PNG
     assert first["test_accuracy"] == second["test_accuracy"]
     assert [h["train_loss"] for h in first["history"]] == [h["train_loss"] for h in second["history"]]

@@ -10,14 +10,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnnedge.atomic import check_writable
 from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.infer.files import collect_inputs, printable, quiet_native_stderr, shown_path
-from cnnedge.infer.predictor import Prediction, Predictor
 from cnnedge.metrics import classification_report, confusion_matrix
+
+if TYPE_CHECKING:  # the Predictor (preprocessing, the runtime) loads once the inputs are known to exist
+    from cnnedge.infer.predictor import Prediction
 
 GRID_MAX = 400  # images in a --grid picture (20 x 20 rows of 28x28 inputs at 3x: about 1 MB)
 
@@ -148,7 +151,7 @@ def grid_picture(predictions: list[Prediction], title: str):
 def run(inputs: list[str], model: str | None = None, provider: str = "auto", recursive: bool = False,
         batch_size: int = 256, topk: int = 3, fmt: str = "table", save_crops: str | None = None,
         workers: int | None = None, gallery: str | None = None, metric: str | None = None,
-        runtime: str | None = None, grid: str | None = None) -> int:
+        runtime: str | None = None, grid: str | None = None, threads: int | None = None) -> int:
     """The `cnnedge predict` command; returns the exit code (0 all fine, 1 some inputs failed)."""
     from cnnedge.report import err_console, warn
 
@@ -166,8 +169,10 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
     if grid is not None and (Path(grid).suffix.lower() != ".png" or Path(grid).is_dir()):
         raise CnnedgeError(f"--grid {grid}: give a .png file to write")
 
+    from cnnedge.infer.predictor import Predictor
+
     predictor = Predictor(model, provider, batch_size=batch_size, workers=workers, topk=topk, gallery=gallery,
-                          metric=metric, runtime=runtime, inputs=grid is not None)
+                          metric=metric, runtime=runtime, inputs=grid is not None, threads=threads)
     predictions: list[Prediction] = []
     drawn = 0
     start = time.perf_counter()

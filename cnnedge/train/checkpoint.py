@@ -1,7 +1,8 @@
 """cnnedge checkpoints: a plain dict of tensors and primitives, saved atomically, loaded with weights_only.
 
 A .pt file can be an attack (pickle runs code), so loading never unpickles arbitrary objects:
-`torch.load(weights_only=True)` refuses anything but tensors and builtin containers.
+`torch.load(weights_only=True)` refuses anything but tensors and builtin containers. The file checks that
+come first need no torch (`check_checkpoint_file`), so a command refuses a wrong path before torch loads.
 """
 
 from __future__ import annotations
@@ -12,13 +13,8 @@ import re
 import zipfile
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from cnnedge.atomic import atomic_write
 from cnnedge.errors import CnnedgeError
-from cnnedge.infer.files import describe_file
-from cnnedge.infer.modelinfo import check_fields
 from cnnedge.train.zoo import ARCHS, build_model
 
 FORMAT = "cnnedge.checkpoint"
@@ -29,6 +25,8 @@ REQUIRED_KEYS = ("arch", "num_classes", "class_names", "input_shape", "mean", "s
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict, overwrite: bool = True) -> None:
     """Atomically; without `overwrite`, refused if `path` exists when the file is published."""
+    import torch
+
     # Serialise to memory first so a failing torch.save never touches the destination.
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, buffer)
@@ -46,8 +44,9 @@ def _unpacked_size(path: Path) -> int:
         return path.stat().st_size
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load and validate a cnnedge checkpoint; anything else is a CnnedgeError (exit code 2)."""
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """What can be said of a checkpoint file before reading it (torch-free): it exists, and neither it nor
+    what it unpacks to is over the size limit."""
     path = Path(path)
     if not os.path.isfile(path):
         raise CnnedgeError(f"{path}: {'not a file' if os.path.lexists(path) else 'no such checkpoint file'}")
@@ -58,6 +57,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if unpacked > MAX_CHECKPOINT_BYTES:
         raise CnnedgeError(f"{path}: refused: it unpacks to {unpacked:,} bytes, over the "
                            f"{MAX_CHECKPOINT_BYTES:,}-byte checkpoint limit")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load and validate a cnnedge checkpoint; anything else is a CnnedgeError (exit code 2)."""
+    import torch
+
+    path = check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusals, truncated zips and plain garbage all land here
@@ -79,6 +86,8 @@ def _why_not(path: Path, e: Exception) -> str:
     if named:
         return (f"refused to unpickle {named[1]}: a checkpoint holds only tensors and plain values "
                 "(possibly malicious)")
+    from cnnedge.infer.files import describe_file  # OpenCV and numpy: not on the way of a refusal before torch
+
     kind = describe_file(path)
     if kind == "an ONNX model":
         return "this is already an ONNX model: export takes a checkpoint (.pt); run the model with `cnnedge predict --model`"
@@ -93,6 +102,10 @@ def check_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -
     """Every field a model is built from, checked before anything is allocated (a num_classes of 10^9 would
     ask for a 512 GB head) and by the rules predict applies to an exported model's metadata, so that export
     never writes a model predict refuses."""
+    import torch
+
+    from cnnedge.infer.modelinfo import check_fields
+
     def bad(key: str, why: str) -> CnnedgeError:
         return CnnedgeError(f"{path}: checkpoint {key!r} {why}")
 

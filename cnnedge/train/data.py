@@ -13,18 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from cnnedge.errors import CnnedgeError
-from cnnedge.infer.files import resolve_data_dir
-
-# name -> (torchvision class, preprocessing mode that maps user images into its domain)
-DATASETS = {
-    "mnist": ("MNIST", "digit"),
-    "qmnist": ("QMNIST", "digit"),
-    "fashion-mnist": ("FashionMNIST", "fit"),
-    "kmnist": ("KMNIST", "digit"),
-}
-IMAGEFOLDER_PREFIX = "imagefolder:"
+from cnnedge.train.options import DATASETS, IMAGEFOLDER_PREFIX, MNIST_FILES, dataset_root
 
 
 @dataclass
@@ -46,7 +38,27 @@ def _expected_files(cls, split_train: bool) -> list[str]:
     return [os.path.splitext(os.path.basename(url))[0] for url, _ in resources]
 
 
+def read_mnist_idx(root: Path) -> Data | None:
+    """MNIST straight from its idx files in torchvision's raw layout, with numpy; None when a file is missing.
+    Importing torchvision costs more than the whole data loading (1-3 s), so the default dataset skips it;
+    the other datasets (their class names, QMNIST's own format) and downloads go through torchvision."""
+    from cnnedge.infer.files import read_idx
+
+    raw = root / "MNIST" / "raw"
+    if not all((raw / n).is_file() for n in MNIST_FILES):
+        return None
+    x_train, y_train, x_test, y_test = (torch.from_numpy(read_idx(raw / n).copy()) for n in MNIST_FILES)
+    for x, y in ((x_train, y_train), (x_test, y_test)):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise CnnedgeError(f"{raw}: {len(x):,} images of shape {tuple(x.shape[1:])} and {len(y):,} labels do not match")
+    as_float = lambda x: x.unsqueeze(1).float().div_(255.0)
+    return Data("mnist", as_float(x_train), y_train.long(), as_float(x_test), y_test.long(),
+                [str(i) for i in range(10)], DATASETS["mnist"][1], str(root / "MNIST"))
+
+
 def load_torchvision(name: str, root: Path, download: bool) -> Data:
+    if name == "mnist" and (data := read_mnist_idx(root)) is not None:
+        return data
     import torchvision.datasets as tvd
 
     class_name, mode = DATASETS[name]
@@ -85,8 +97,6 @@ def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
     from cnnedge.report import warn
 
     try:
-        if not path.is_dir():
-            raise CnnedgeError(f"imagefolder {path}: not a directory")
         split = (path / "train").is_dir()
     except OSError as e:  # an unreadable folder
         raise CnnedgeError(f"imagefolder {path}: {e.strerror or e}") from None
@@ -151,12 +161,10 @@ def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
 
 
 def load_data(dataset: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Data:
+    root = dataset_root(dataset, data_dir, download)
     if dataset.startswith(IMAGEFOLDER_PREFIX):
-        return load_imagefolder(Path(dataset[len(IMAGEFOLDER_PREFIX) :]).expanduser())
-    if dataset not in DATASETS:
-        choices = ", ".join([*DATASETS, "imagefolder:PATH"])
-        raise CnnedgeError(f"unknown dataset {dataset!r}; choose one of: {choices}")
-    return load_torchvision(dataset, resolve_data_dir(data_dir), download)
+        return load_imagefolder(root)
+    return load_torchvision(dataset, root, download)
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,8 +187,6 @@ def augment_batch(x: torch.Tensor, rotate_deg: float = 12.0, scale: float = 0.12
     rest is learnt here. One affine_grid/grid_sample call serves the whole batch (torchvision's v2
     transforms draw one set of parameters per call, which would give every image the same warp).
     """
-    import torch.nn.functional as F
-
     n = x.shape[0]
     uniform = lambda amount: (torch.rand(n, device=x.device) * 2 - 1) * amount
     angle = uniform(math.radians(rotate_deg))
@@ -195,6 +201,15 @@ def augment_batch(x: torch.Tensor, rotate_deg: float = 12.0, scale: float = 0.12
     x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
     # Half-strength dilation or erosion: thicker or thinner pen strokes.
     r = torch.rand(n, 1, 1, 1, device=x.device)
-    thicker = 0.5 * (x + F.max_pool2d(x, 3, 1, 1))
-    thinner = 0.5 * (x - F.max_pool2d(-x, 3, 1, 1))
+    thicker = 0.5 * (x + max_filter3(x))
+    thinner = 0.5 * (x - max_filter3(-x))
     return torch.where(r < stroke / 2, thicker, torch.where(r > 1 - stroke / 2, thinner, x))
+
+
+def max_filter3(x: torch.Tensor) -> torch.Tensor:
+    """The 3x3 maximum around every pixel of every image (max_pool2d, stride 1, padding 1), computed with the
+    batch as the channels of one channels-last image: on the CPU torch's vectorised channels-last kernel is
+    14x faster than its (N, 1, H, W) one (0.13 against 1.8 ms for 128 MNIST images), with the same values."""
+    n, c, h, w = x.shape
+    pooled = F.max_pool2d(x.reshape(1, n * c, h, w).contiguous(memory_format=torch.channels_last), 3, 1, 1)
+    return pooled.reshape(n, c, h, w)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -47,21 +48,22 @@ from rich.table import Table
 from torch import nn
 
 from cnnedge import __version__
-from cnnedge.atomic import check_writable, publish, stage
+from cnnedge.atomic import publish, stage
 from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
-from cnnedge.choices import QUANTIZATIONS
 from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.infer.files import printable
 from cnnedge.infer.modelinfo import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, ModelInfo, file_sha256
 from cnnedge.report import console, fmt_bytes, layer_table, to_json, warn
+from cnnedge.threads import thread_count
 from cnnedge.infer.runtime import DISABLED_OPTIMIZERS, SHORT_NAMES as SHORT_PROVIDERS
+from cnnedge.train.options import NATIVE_OPSET, ExportConfig, check_export
 from cnnedge.train.zoo import LayerCheck, check_layers, get_arch
 
 MIN_OPSET = 17
-# The opset the graph is exported at. Any other is converted by onnx's version converter once the layers are
-# named (it drops the exporter's node metadata): onnxscript's own converter stops at 25, and the C fallback it
-# uses beyond that ran before the naming, so every layer lost its value (opsets 26-28: "16 layers disagree").
-NATIVE_OPSET = 18
+# The opset the graph is exported at (options.NATIVE_OPSET). Any other is converted by onnx's version converter
+# once the layers are named (it drops the exporter's node metadata): onnxscript's own converter stops at 25, and
+# the C fallback it uses beyond that ran before the naming, so every layer lost its value (opsets 26-28: "16
+# layers disagree").
 TOLERANCE = 1e-4  # max |runtime - torch| for logits and embedding (fp32), in onnxruntime and OpenCV alike
 FP32_LIMIT = f"max |diff| <= {TOLERANCE:g}, top-1 100%"
 VARIANT_LIMIT = "top-1 100%"
@@ -75,18 +77,6 @@ IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Drop
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 INT8_SETTINGS = dict(format="QDQ", activations="QUInt8", weights="QInt8", per_channel=True, calibration="MinMax",
                      bias="float32")
-
-
-@dataclass
-class ExportConfig:
-    checkpoint: str
-    out: str | None = None  # default: export/<checkpoint stem>.onnx
-    opset: int = NATIVE_OPSET
-    quantize: tuple[str, ...] = ()  # any of fp16, int8; the fp32 model is always written
-    calibration_images: int = 1_000
-    force: bool = False
-    data_dir: str | None = None
-    parity_images: int | None = None  # real test images used for parity; None: the whole test set
 
 
 @dataclass
@@ -108,21 +98,6 @@ class Variant:
 
 
 # ----------------------------------------------------------------------------- outputs and inputs
-
-
-def output_paths(config: ExportConfig, quantize: list[str]) -> dict[str, Path]:
-    """fp32 model, each variant beside it (cnn.onnx -> cnn.int8.onnx), and the JSON report."""
-    out = Path(config.out) if config.out else Path("export") / f"{Path(config.checkpoint).stem}.onnx"
-    if out.suffix != ".onnx":
-        raise CnnedgeError(f"--out {out}: the model file must end in .onnx")
-    paths = {"fp32": out, **{q: out.with_name(f"{out.stem}.{q}.onnx") for q in quantize}, "report": out.with_suffix(".json")}
-    for path in paths.values():
-        if os.path.isdir(path):
-            raise CnnedgeError(f"{path} is a directory")
-        if os.path.lexists(path) and not config.force:
-            raise CnnedgeError(f"{path} already exists; pass --force to overwrite it")
-        check_writable(path)  # a path under a file, a read-only folder: now, not after a minute of checks
-    return paths
 
 
 def max_opset() -> int:
@@ -332,6 +307,7 @@ def session(model: bytes | onnx.ModelProto, provider: str = CPU) -> ort.Inferenc
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = torch.get_num_threads()  # run() sets one count for torch and onnxruntime
     disabled = dict(disabled_optimizers=DISABLED_OPTIMIZERS)  # as cnnedge's Runtime will run it
     if provider == CUDA:  # full fp32 on the GPU: TF32 would not meet the fp32 tolerance
         return ort.InferenceSession(data, options, providers=[(CUDA, {"use_tf32": 0}), CPU], **disabled)
@@ -415,8 +391,6 @@ def check_opencv(models: dict[str, onnx.ModelProto], input_shape, images: Images
     or int8 model must give every top-1 that onnxruntime gives on the same file (it rounds differently
     from fp32, so the fp32 tolerance does not apply; its differences are reported). A model that an engine
     cannot load or run gets a row saying why. `references`: precision -> (logits, embedding) on `images`."""
-    import cv2
-
     from cnnedge.infer.opencv import engines, load
 
     rows = []
@@ -715,19 +689,16 @@ def make_variants(proto: onnx.ModelProto, quantize: list[str], paths: dict[str, 
 
 def run(config: ExportConfig) -> dict:
     """Export, verify and write; returns the report written to <out stem>.json."""
-    quantize = [q for q in dict.fromkeys(config.quantize) if q != "none"]
-    for q in quantize:
-        if q not in QUANTIZATIONS:
-            raise CnnedgeError(f"unknown --quantize {q!r}; choose from: {', '.join(QUANTIZATIONS)}")
+    quantize, paths = check_export(config)
     newest = max_opset()
     if not MIN_OPSET <= config.opset <= newest:
         raise CnnedgeError(f"--opset {config.opset}: choose {MIN_OPSET} to {newest} (the newest opset onnx "
                            f"{onnx.__version__} and onnxruntime {ort.__version__} both support)")
-    if config.calibration_images < 1:
-        raise CnnedgeError("--calibration-images must be at least 1")
     checkpoint = load_checkpoint(config.checkpoint)
     sha256 = file_sha256(config.checkpoint)
-    paths = output_paths(config, quantize)
+    threads = thread_count(config.threads)
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
     test, train, no_test = load_images(checkpoint, config, need_train="int8" in quantize)
 
     # 1-4: the documented table, in torch and in the graph

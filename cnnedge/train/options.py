@@ -1,18 +1,35 @@
-"""What `cnnedge train` accepts, torch-free: the CLI checks the options it was given and the outputs it would
-replace before importing PyTorch, and the trainer checks the resolved recipe (and a resumed checkpoint's) with
-the same rules. Impossible values are a one-line CnnedgeError; dubious ones come back as warnings."""
+"""What the training commands accept, torch-free: `cnnedge train`, `export`, `inspect` and `summary` check the
+options they were given, the files they would read and the outputs they would replace here before they import
+PyTorch (seconds of start-up), so that a usage error or a refusal costs what `cnnedge --help` costs. The modules
+that do the work call the same functions (the trainer on the resolved recipe, and a resumed checkpoint's), so a
+Python caller meets the same rules. Impossible values are a one-line CnnedgeError; dubious ones come back as
+warnings."""
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cnnedge.atomic import check_writable
-from cnnedge.choices import LOSSES, OPTIMIZERS, SCHEDULES
+from cnnedge.choices import LOSSES, OPTIMIZERS, QUANTIZATIONS, SCHEDULES
 from cnnedge.errors import CnnedgeError
+from cnnedge.train.checkpoint import check_checkpoint_file
+from cnnedge.train.zoo import get_arch
 
 MAX_SEED = 2**32 - 1  # the epoch seeds derived from it must fit torch's 64-bit generator seeds
+NATIVE_OPSET = 18  # export's opset, which torch's dynamo exporter emits itself; any other is converted from it
+# name -> (torchvision class, preprocessing mode that maps user images into its domain)
+DATASETS = {
+    "mnist": ("MNIST", "digit"),
+    "qmnist": ("QMNIST", "digit"),
+    "fashion-mnist": ("FashionMNIST", "fit"),
+    "kmnist": ("KMNIST", "digit"),
+}
+IMAGEFOLDER_PREFIX = "imagefolder:"
+# MNIST's idx files in torchvision's raw layout, read with numpy (cnnedge.train.data.read_mnist_idx)
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _number(value) -> bool:
@@ -94,3 +111,99 @@ def check_outputs(out: str | os.PathLike, force: bool) -> None:
     if existing and not force:
         raise CnnedgeError(f"{existing[-1]} already exists; pass --force to overwrite it (or train into another --out)")
     check_writable(out)
+
+
+def resume_source(out: str | os.PathLike) -> Path:
+    """The file `--resume` continues: <stem>.partial.pt, or --out itself (a run in progress kept by an older
+    cnnedge)."""
+    partial = partial_path(out)
+    source = partial if os.path.lexists(partial) else Path(out)
+    if not os.path.lexists(source):
+        raise CnnedgeError(f"--resume: no interrupted run of {out} ({partial} does not exist); train without --resume")
+    return source
+
+
+def check_train(arch: str, dataset: str, data_dir: str | None, download: bool, out: str, resume: bool,
+                from_checkpoint: str | None, freeze_backbone: bool) -> None:
+    """The architecture, the files a run reads (the run to resume, the checkpoint to fine-tune, the dataset)."""
+    if resume:
+        check_checkpoint_file(resume_source(out))
+        return  # the rest comes from the interrupted run
+    if freeze_backbone and not from_checkpoint:
+        raise CnnedgeError("--freeze-backbone needs --from: there is no pretrained backbone to freeze")
+    if from_checkpoint:
+        check_checkpoint_file(from_checkpoint)  # its architecture is the one trained
+    else:
+        get_arch(arch)
+    dataset_root(dataset, data_dir, download)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def dataset_root(dataset: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Path:
+    """The folder a dataset is read from: an ImageFolder tree, or the root of torchvision's layout (MNIST's
+    files are checked here; torchvision checks the other datasets' when it reads them)."""
+    if dataset.startswith(IMAGEFOLDER_PREFIX):
+        path = Path(dataset[len(IMAGEFOLDER_PREFIX):]).expanduser()
+        try:
+            if not path.is_dir():
+                raise CnnedgeError(f"imagefolder {path}: not a directory")
+        except OSError as e:  # an unreadable folder
+            raise CnnedgeError(f"imagefolder {path}: {e.strerror or e}") from None
+        return path
+    if dataset not in DATASETS:
+        choices = ", ".join([*DATASETS, "imagefolder:PATH"])
+        raise CnnedgeError(f"unknown dataset {dataset!r}; choose one of: {choices}")
+    from cnnedge.infer.files import resolve_data_dir  # (OpenCV and numpy: only for the dataset)
+
+    root = resolve_data_dir(data_dir)
+    raw = root / DATASETS[dataset][0] / "raw"
+    if dataset == "mnist" and not download and not all((raw / name).is_file() for name in MNIST_FILES):
+        raise CnnedgeError(f"mnist not found: expected {', '.join(MNIST_FILES)} in {raw} "
+                           "(set --data-dir or CNNEDGE_DATA, or pass --download when online)")
+    return root
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str
+    out: str | None = None  # default: export/<checkpoint stem>.onnx
+    opset: int = NATIVE_OPSET
+    quantize: tuple[str, ...] = ()  # any of fp16, int8; the fp32 model is always written
+    calibration_images: int = 1_000
+    force: bool = False
+    data_dir: str | None = None
+    parity_images: int | None = None  # real test images used for parity; None: the whole test set
+    threads: int | None = None  # torch, onnxruntime and OpenCV threads; None: the free cores (cnnedge.threads)
+
+
+def export_paths(config: ExportConfig, quantize: list[str]) -> dict[str, Path]:
+    """fp32 model, each variant beside it (cnn.onnx -> cnn.int8.onnx), and the JSON report."""
+    out = Path(config.out) if config.out else Path("export") / f"{Path(config.checkpoint).stem}.onnx"
+    if out.suffix != ".onnx":
+        raise CnnedgeError(f"--out {out}: the model file must end in .onnx")
+    paths = {"fp32": out, **{q: out.with_name(f"{out.stem}.{q}.onnx") for q in quantize}, "report": out.with_suffix(".json")}
+    for path in paths.values():
+        if os.path.isdir(path):
+            raise CnnedgeError(f"{path} is a directory")
+        if os.path.lexists(path) and not config.force:
+            raise CnnedgeError(f"{path} already exists; pass --force to overwrite it")
+        check_writable(path)  # a path under a file, a read-only folder: now, not after a minute of checks
+    return paths
+
+
+def check_export(config: ExportConfig) -> tuple[list[str], dict[str, Path]]:
+    """(the variants to write, every output path): the options, the checkpoint file, and outputs that exist
+    without --force. The opset is checked once onnx and onnxruntime are loaded (the newest is theirs to say)."""
+    quantize = [q for q in dict.fromkeys(config.quantize) if q != "none"]
+    for q in quantize:
+        if q not in QUANTIZATIONS:
+            raise CnnedgeError(f"unknown --quantize {q!r}; choose from: {', '.join(QUANTIZATIONS)}")
+    if config.calibration_images < 1:
+        raise CnnedgeError("--calibration-images must be at least 1")
+    check_checkpoint_file(config.checkpoint)
+    return quantize, export_paths(config, quantize)

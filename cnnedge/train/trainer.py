@@ -37,7 +37,9 @@ from cnnedge.errors import CnnedgeError, ExitCode
 from cnnedge.infer.files import printable
 from cnnedge.metrics import classification_report, confusion_matrix
 from cnnedge.report import confusion_table, console, per_class_table, to_json, warn
-from cnnedge.train.options import check_hparams, check_outputs, check_run, output_paths, partial_path
+from cnnedge.threads import thread_count
+from cnnedge.train.options import (check_hparams, check_outputs, check_run, check_train, output_paths, partial_path,
+                                   resume_source)
 from cnnedge.train.zoo import DEFAULT_ARCH, get_arch
 
 # Used where neither the command line nor the architecture's recipe says otherwise.
@@ -80,6 +82,7 @@ class TrainConfig:
     plots: bool = True
     hparams: dict = field(default_factory=dict)  # only what the user set; the rest comes from the recipe
     force: bool = False  # replace an existing --out (and its metrics and plots)
+    threads: int | None = None  # torch's CPU threads; None: the cores other processes leave free, at each epoch
 
 
 class Interrupted(Exception):
@@ -331,10 +334,7 @@ def run(config: TrainConfig, command: str | None = None, on_epoch: Callable[[dic
 
 def resume_point(out: Path) -> tuple[Path, dict]:
     """(the file to resume from, its checkpoint), checked as far as it can be before the data is loaded."""
-    partial = partial_path(out)
-    source = partial if os.path.lexists(partial) else out  # out: a run in progress kept by an older cnnedge
-    if not os.path.lexists(source):
-        raise CnnedgeError(f"--resume: no interrupted run of {out} ({partial} does not exist); train without --resume")
+    source = resume_source(out)
     resumed = load_checkpoint(source)
     if source == out and resumed.get("complete"):
         raise CnnedgeError(f"--resume: {out} is a finished run of {resumed.get('epoch')} epochs, nothing to resume; "
@@ -387,26 +387,29 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
     command = command or shlex.join(["cnnedge", *sys.argv[1:]])
     # Rank 0 alone logs; lines name paths, which are shown escaped and never read as rich markup.
     say = (lambda text: console.print(printable(text), markup=False)) if dist.main else (lambda text: None)
+    check_train(config.arch, config.dataset, config.data_dir, config.download, config.out, config.resume,
+                config.from_checkpoint, config.freeze_backbone)
     resumed = source = None
     if config.resume:
         if config.force:
             raise CnnedgeError("--resume continues an interrupted run as it was started: it takes no --force")
         source, resumed = resume_point(out)
-        overrides = {k: v for k, v in (("data_dir", config.data_dir), ("download", config.download or None)) if v}
+        overrides = {k: v for k, v in (("data_dir", config.data_dir), ("download", config.download or None),
+                                       ("threads", config.threads)) if v}
         config = TrainConfig(**{**resumed["config"], **overrides, "out": str(out), "device": config.device, "resume": True})
         command = resumed.get("command", command)
     else:
         check_run(config.limit, config.seed, config.val_fraction)
         check_outputs(config.out, config.force)
 
-    if config.freeze_backbone and not config.from_checkpoint:
-        raise CnnedgeError("--freeze-backbone needs --from: there is no pretrained backbone to freeze")
     base = None
     if config.from_checkpoint:
         base = load_checkpoint(config.from_checkpoint)
         config.arch = base["arch"]
     hp = resolve_hparams(config.arch, config.hparams, fine_tune=base is not None) if resumed is None else resumed["hparams"]
+    started = time.perf_counter()
     data = load_data(config.dataset, config.data_dir, config.download)
+    seconds = {"data": time.perf_counter() - started}  # where the run's time goes (metrics JSON)
     if resumed is not None and data.class_names != resumed["class_names"]:
         raise CnnedgeError(f"--resume: {data.name} now has {len(data.class_names)} classes, the interrupted run "
                            f"trained on {len(resumed['class_names'])} ({', '.join(resumed['class_names'])[:120]}): "
@@ -487,6 +490,10 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
                                f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
         say(f"resuming {out}: {resumed['epoch']} of {hp['epochs']} epochs done")
 
+    # Results depend on the thread count (parallel sums round differently): the same seed and --threads give the
+    # same metrics. Without --threads the count follows the free cores, checked again at every epoch.
+    threads = thread_count(config.threads)
+    torch.set_num_threads(threads)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_val, y_val = x_train[val_idx.to(device)], y_train[val_idx.to(device)]
     run_info = {
@@ -508,16 +515,21 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
     if fitted:
         say(fitted)
     say(f"training {config.arch} on {data.name} ({len(train_idx):,} train / {len(val_idx):,} val"
-        f"{'' if data.x_test is None else f' / {len(data.x_test):,} test'}) on {device}{processes}: "
+        f"{'' if data.x_test is None else f' / {len(data.x_test):,} test'}) on {device}{processes}"
+        f" ({threads} CPU thread{'s' if threads > 1 else ''}): "
         f"{hp['optimizer']} lr {hp['lr']} {hp['schedule']}, batch {hp['batch_size']}, {hp['epochs']} epochs, "
         f"{hp['loss']}{', augment' if hp['augment'] else ''}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     saved = start_epoch - 1  # the last epoch whose checkpoint is on disk
+    seconds["setup"] = time.perf_counter() - started - seconds["data"]
     try:
         with interruptible() as hold:
             for epoch in range(start_epoch, hp["epochs"] + 1):
                 torch.manual_seed((config.seed * 100_003 + epoch) * 64 + dist.rank)  # augmentation, dropout
+                if config.threads is None and (now := thread_count()) != threads:
+                    threads = now  # another process took cores, or gave them back
+                    torch.set_num_threads(threads)
                 sampler.set_epoch(epoch)
                 order = train_idx[torch.tensor(list(sampler))].to(device)
                 t0 = time.perf_counter()
@@ -539,7 +551,7 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
                         val_acc = float((preds == y_val.cpu().numpy()).mean())
                     h = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
                          "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
-                         "seconds": time.perf_counter() - t0}
+                         "seconds": time.perf_counter() - t0, "threads": threads}
                     history.append(h)
                     say(_history_line(h, hp["epochs"]))
                     with hold():
@@ -562,11 +574,13 @@ def _run(config: TrainConfig, command: str | None, dist: Distributed, device: to
 
     if not dist.main:
         return None
+    seconds["epochs"] = sum(h["seconds"] for h in history[start_epoch - 1:])
     # The finished model replaces an existing --out only if the run was started with --force, or if --out is
     # this run's own (an older cnnedge kept the run there; a kill came after it was written, before the
     # partial file was removed); else it is published only if nobody wrote --out meanwhile.
     metrics = finish(model, data, run_info, history, mean_t, std_t, hp, device, out, val_idx, config.plots,
-                     overwrite=config.force or source == out or (resumed is not None and _written_by(out, resumed)))
+                     overwrite=config.force or source == out or (resumed is not None and _written_by(out, resumed)),
+                     seconds=seconds)
     if source != out:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)  # cnnedge wrote it; the finished model in --out replaces it
@@ -605,14 +619,16 @@ def prediction_picks(model, x, y: np.ndarray, preds: np.ndarray, mean_t, std_t, 
 
 
 def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out: Path, val_idx, plots: bool,
-           overwrite: bool = True) -> dict:
-    """Final report on the test set (validation when there is none): metrics and plots, then the complete
+           overwrite: bool = True, seconds: dict | None = None) -> dict:
+    """Final report on the test set (validation when there is none): plots and metrics, then the complete
     checkpoint, last, so that a checkpoint in --out always has its metrics beside it."""
     if data.x_test is not None:
         split, x, y = "test", data.x_test, data.y_test
     else:
         split, x, y = "validation", data.x_train[val_idx], data.y_train[val_idx]
+    t0 = time.perf_counter()
     loss, preds = evaluate(model, x.to(device), y.to(device), mean_t, std_t, hp, device)
+    seconds = {**(seconds or {}), "test": time.perf_counter() - t0}
     cm = confusion_matrix(y.numpy(), preds, len(data.class_names))
     report = classification_report(cm, data.class_names)
     train_seconds = sum(h["seconds"] for h in history)
@@ -623,14 +639,15 @@ def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out:
         "parameters": sum(p.numel() for p in model.parameters()),
         **{k: v for k, v in report.items() if k != "accuracy"},
         "cnnedge_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": seconds,  # where the time went: data loading, set-up, epochs (with validation), test, plots
     }
     summary = {k: metrics[k] for k in (f"{split}_accuracy", f"{split}_loss", "train_seconds")}
     metrics_path, curves_path, confusion_path, samples_path, predictions_path, _ = output_paths(out)
-    write_text(metrics_path, to_json(metrics) + "\n", overwrite=overwrite)
-    written = [metrics_path]
+    written = []
     if plots:
         from cnnedge.train.plots import plot_confusion, plot_curves, plot_predictions, plot_samples
 
+        t0 = time.perf_counter()
         written.append(plot_curves(history, curves_path))
         if len(data.class_names) <= MAX_PLOTTED_CLASSES:
             written.append(plot_confusion(cm, data.class_names, confusion_path))
@@ -641,6 +658,9 @@ def finish(model, data: Data, run_info, history, mean_t, std_t, hp, device, out:
         written += [plot_samples(images, labels, data.class_names, hp["augment"], samples_path),
                     plot_predictions(x[picks].squeeze(1).numpy(), preds[picks], y.numpy()[picks], confidence,
                                      data.class_names, int((preds != y.numpy()).sum()), split, predictions_path)]
+        seconds["plots"] = time.perf_counter() - t0
+    write_text(metrics_path, to_json(metrics) + "\n", overwrite=overwrite)
+    written.append(metrics_path)
     save_checkpoint(out, {**run_info, "epoch": run_info["epochs"], "complete": True, "history": history,
                           "metrics": summary, "state_dict": model.state_dict()}, overwrite=overwrite)
     written.insert(0, out)

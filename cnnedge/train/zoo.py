@@ -5,6 +5,8 @@ A table is data, not a comment: every row names a child of the network's `nn.Seq
 the output shape (without the batch axis) and parameter count its source documents. `check_layers`
 measures the real module with forward hooks and compares; export repeats the check on the ONNX graph.
 Tables are documented for 10 classes; `Arch.table_for` adapts the classifier row to other counts.
+The registry loads without torch (the functions that build or measure a network import it), so that a
+wrong --arch is refused before PyTorch's seconds of start-up.
 """
 
 from __future__ import annotations
@@ -14,11 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-import torch
-from torch import nn
-
 from cnnedge.errors import CnnedgeError, ExitCode
-from cnnedge.report import fmt_shape
 
 
 @dataclass(frozen=True)
@@ -57,10 +55,14 @@ class Arch:
 
 
 def _seq(*layers: tuple[str, nn.Module]) -> nn.Sequential:
+    from torch import nn
+
     return nn.Sequential(OrderedDict(layers))
 
 
 def _conv_bn_block(i: int, cin: int, cout: int, kernel: int = 3) -> list[tuple[str, nn.Module]]:
+    from torch import nn
+
     return [
         (f"conv{i}", nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)),
         (f"bn{i}", nn.BatchNorm2d(cout)),
@@ -72,6 +74,8 @@ def _conv_bn_block(i: int, cin: int, cout: int, kernel: int = 3) -> list[tuple[s
 # --- edgenet: ours. Three conv-BN-ReLU-pool blocks, a 128-d embedding, ~2 M MACs per image. ---
 # Bias-free convs because BatchNorm follows; onnxruntime folds BN into the conv at load time.
 def build_edgenet(num_classes: int = 10) -> nn.Sequential:
+    from torch import nn
+
     return _seq(
         *_conv_bn_block(1, 1, 16),
         *_conv_bn_block(2, 16, 32),
@@ -105,6 +109,8 @@ EDGENET_TABLE = (
 
 # --- seed 000: the QMNIST ConvNet (Deep Learning Wizard): 2 x [conv 5x5 pad 2, BN, ReLU, pool]. ---
 def build_qmnist_convnet(num_classes: int = 10) -> nn.Sequential:
+    from torch import nn
+
     def block(i: int, cin: int, cout: int) -> list[tuple[str, nn.Module]]:
         return [
             (f"conv{i}", nn.Conv2d(cin, cout, 5, stride=1, padding=2)),
@@ -132,6 +138,8 @@ QMNIST_CONVNET_TABLE = (
 
 # --- seed 001: VGG-style (ng-daniel/mnist_convolutional_nn): two blocks of three 3x3 convs at 16 channels. ---
 def build_vgg_mini(num_classes: int = 10) -> nn.Sequential:
+    from torch import nn
+
     layers: list[tuple[str, nn.Module]] = []
     cin = 1
     for block in (1, 2):
@@ -154,6 +162,8 @@ def _vgg_table() -> tuple[Layer, ...]:
 
 # --- seed 002: Keras, SGD + MSE. Keras fuses the ReLU into Conv2D, so each conv row is conv+ReLU. ---
 def build_keras_convnet(num_classes: int = 10) -> nn.Sequential:
+    from torch import nn
+
     return _seq(
         ("conv1", nn.Sequential(nn.Conv2d(1, 32, 4), nn.ReLU())),
         ("pool1", nn.MaxPool2d(2)),
@@ -178,6 +188,8 @@ KERAS_CONVNET_TABLE = (
 
 # --- seed 003: the classic PyTorch MNIST net with Dropout2d, used for the Greek-letter embeddings. ---
 def build_lenet_dropout(num_classes: int = 10) -> nn.Sequential:
+    from torch import nn
+
     return _seq(
         ("conv1", nn.Conv2d(1, 10, 5)),
         ("pool1", nn.MaxPool2d(2)),
@@ -212,6 +224,8 @@ LENET_DROPOUT_TABLE = (
 # The seed puts it "after fc2" for the reason that fully connected layers have more nodes; after the 10 logits
 # it would drop class scores, so it goes after fc1's 50 units, where the classic PyTorch MNIST example has it.
 def build_lenet_dropout2(num_classes: int = 10) -> nn.Sequential:
+    from torch import nn
+
     layers = list(build_lenet_dropout(num_classes).named_children())
     at = [name for name, _ in layers].index("relu3") + 1
     return _seq(*layers[:at], ("fc1_drop", nn.Dropout(0.5)), *layers[at:])
@@ -226,6 +240,8 @@ LENET_DROPOUT2_TABLE = (
 
 # --- seed 004: the Keras MNIST CNN; its table documents activation memory as well. ---
 def build_keras_mnist_cnn(num_classes: int = 10) -> nn.Sequential:
+    from torch import nn
+
     return _seq(
         ("conv1", nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU())),
         ("conv2", nn.Sequential(nn.Conv2d(32, 64, 3), nn.ReLU())),
@@ -346,6 +362,9 @@ class Measured:
 
 def measure_layers(model: nn.Sequential, input_shape: tuple[int, ...]) -> "OrderedDict[str, Measured]":
     """Output shape, parameter count and multiply-accumulates of every child, from a real forward pass."""
+    import torch
+    from torch import nn
+
     children = OrderedDict(model.named_children())
     shapes: dict[str, tuple[int, ...]] = {}
     macs = dict.fromkeys(children, 0)
@@ -395,6 +414,8 @@ class LayerCheck:
     onnx_checked: bool = False
 
     def problems(self) -> list[str]:
+        from cnnedge.report import fmt_shape  # rich and numpy: not on the refusal path of `train --arch`
+
         doc, got = self.documented, self.measured
         if doc is None:
             return ["layer not in the documented table"]
