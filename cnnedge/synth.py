@@ -8,8 +8,9 @@ evaluation (benchmarks/eval_preprocess.py), the tests, samples/generate.py and t
     strokes = digit_strokes(7, rng)            # the pen trajectory alone, for drawing it yourself
 
 Digit shapes are our own stroke skeletons (several common variants per digit: open and closed 4,
-7 with and without a bar, 1 with and without flag and base, ...), jittered, slanted, rotated and
-stretched per sample, or OpenCV's Hershey fonts for the "font" style. Styles (see STYLES):
+7 with and without a bar, 1 with and without flag and base, ...; and the unusual ones MNIST
+under-represents, which the "unusual" style and `mnist_digits`, for training, draw as well), jittered,
+slanted, rotated and stretched per sample, or OpenCV's Hershey fonts for the "font" style. Styles (see STYLES):
 
 - mnist:     28x28 white on black, fitted into 20x20 and centred by centre of mass (MNIST's recipe)
 - paper:     phone photo of pen on paper: texture, lighting gradient, shadow, perspective, blur,
@@ -143,20 +144,19 @@ _SKELETONS: dict[int, list[list[list[tuple[str, list[tuple[float, float]]]]]]] =
 # 7s with a serif or a bar, 8s of two loops, g-like 9s and 9s with a separate slanted tail.
 UNUSUAL_VARIANTS = {0: (2, 3), 1: (2, 3, 4), 2: (1,), 3: (1,), 4: (0, 3, 4, 5, 6), 5: (1,), 6: (2, 3), 7: (1, 3, 4),
                     8: (2,), 9: (2, 3)}
+COMMON_VARIANTS = {0: 2, 1: 3, 2: 2, 3: 2, 4: 3, 5: 2, 6: 2, 7: 3, 8: 2, 9: 2}  # the first ones: the styles' default
+ALL_VARIANTS = {d: tuple(range(len(v))) for d, v in _SKELETONS.items()}
 
 
 def _catmull_rom(points: np.ndarray, samples_per_segment: int = 16) -> np.ndarray:
     if len(points) < 3:
         return _polyline(points, samples_per_segment)
     p = np.vstack([2 * points[0] - points[1], points, 2 * points[-1] - points[-2]])
-    t = np.linspace(0, 1, samples_per_segment, endpoint=False)[:, None]
-    out = []
-    for i in range(1, len(p) - 2):
-        p0, p1, p2, p3 = p[i - 1], p[i], p[i + 1], p[i + 2]
-        out.append(0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2
-                          + (-p0 + 3 * p1 - 3 * p2 + p3) * t**3))
-    out.append(points[-1:])
-    return np.vstack(out)
+    t = np.linspace(0, 1, samples_per_segment, endpoint=False)[None, :, None]
+    p0, p1, p2, p3 = (p[i: len(p) - 3 + i, None, :] for i in range(4))  # every segment at once
+    out = 0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2
+                 + (-p0 + 3 * p1 - 3 * p2 + p3) * t**3)
+    return np.vstack([out.reshape(-1, 2), points[-1:]])
 
 
 def _polyline(points: np.ndarray, samples_per_segment: int = 16) -> np.ndarray:
@@ -170,12 +170,13 @@ def digit_strokes(digit: int, rng: np.random.Generator, variant: int | tuple[int
                   jitter: float = 0.03, slant: tuple[float, float] = (-0.35, 0.15),
                   rotate_deg: float | tuple[float, float] = 10.0, width: tuple[float, float] = (0.5, 0.8)) -> list[np.ndarray]:
     """Pen trajectories of one hand-written digit: a list of (N, 2) float arrays (x, y), in units of the
-    digit's height, centred on (0, 0) (y downwards). Every call draws a new hand: variant (one of
-    `variant` when given several), jitter, slant, rotation (up to `rotate_deg` either way, or between
-    the two magnitudes of a (min, max) pair) and width are random."""
+    digit's height, centred on (0, 0) (y downwards). Every call draws a new hand: variant (one of the
+    common ones, or of `variant` when given several: UNUSUAL_VARIANTS, ALL_VARIANTS), jitter, slant,
+    rotation (up to `rotate_deg` either way, or between the two magnitudes of a (min, max) pair) and
+    width are random."""
     variants = _SKELETONS[int(digit)]
-    if variant is None:
-        variant = int(rng.integers(len(variants)))
+    if variant is None:  # the common ways of writing it
+        variant = int(rng.integers(COMMON_VARIANTS[int(digit)]))
     elif not isinstance(variant, int):
         variant = int(variant[rng.integers(len(variant))])
     skeleton = variants[variant % len(variants)]
@@ -245,6 +246,10 @@ def draw_strokes(shape: tuple[int, int], strokes: list[np.ndarray], centre: tupl
         n = len(pts)
         phase = rng.uniform(0, 2 * math.pi)
         widths = width_px * (1 + pressure * np.sin(np.linspace(0, rng.uniform(2, 6), n) + phase))
+        if pressure == 0 and skips == 0:  # one uniform line: a single call draws it (what training renders)
+            t = max(1, int(round(width_px * ss)))
+            cv2.polylines(canvas, [np.round(pts * (1 << shift)).astype(np.int32)], False, 255, t, cv2.LINE_AA, shift)
+            continue
         skip = np.zeros(n, bool)
         if skips > 0:
             i = 0
@@ -374,10 +379,10 @@ def _place(shape, rng, rel_height: tuple[float, float], off_centre: float = 0.08
 # ----------------------------------------------------------------------------------------- styles
 
 
-def _mnist(digit, rng):
+def _mnist(digit, rng, width=(1.8, 3.2), pressure=0.15, variant=None):
     ss = 4
-    strokes = digit_strokes(digit, rng)
-    canvas = draw_strokes((40, 40), strokes, (20, 20), 20, rng.uniform(1.8, 3.2), rng, pressure=0.15, supersample=ss)
+    strokes = digit_strokes(digit, rng, variant)
+    canvas = draw_strokes((40, 40), strokes, (20, 20), 20, rng.uniform(*width), rng, pressure=pressure, supersample=ss)
     ys, xs = np.nonzero(canvas > 0.02)
     crop = canvas[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
     h, w = crop.shape
@@ -633,6 +638,18 @@ def _deep(digit, rng):
     grey = cv2.GaussianBlur(grey, (0, 0), 0.6)  # smooth the 8-bit steps away a little
     top = 65535 if rng.random() < 0.5 else 4095  # full 16-bit, or a 12-bit sensor in a 16-bit file
     return np.clip(grey * top + 0.5, 0, 65535).astype(np.uint16)
+
+
+def mnist_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`count` synthetic hand-written digits in MNIST's own format, for training: uint8 (count, 28, 28)
+    white on black, fitted into 20x20 and centred by mass, and their labels (0-9 in turn). Every skeleton
+    variant is drawn alike, so the ways of writing MNIST under-represents (UNUSUAL_VARIANTS) get their
+    share, with uniform pens from thin (1.2 px) to bold (4.5 px) that preprocessing may leave as they are.
+    Seeded: the same call gives the same images."""
+    rng = np.random.default_rng([seed, 0x5E17])
+    labels = np.arange(count) % 10
+    images = np.stack([_mnist(int(d), rng, (1.2, 4.5), 0.0, ALL_VARIANTS[int(d)]) for d in labels]) if count else np.zeros((0, 28, 28), np.uint8)
+    return images, labels
 
 
 def render_digit(digit: int, style: str, rng: np.random.Generator) -> np.ndarray:

@@ -256,13 +256,18 @@ def captured_output():
 TEST_SETS = {"mnist": "MNIST", "qmnist": "QMNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 
 
+def user_cache_dir() -> Path:
+    """cnnedge's folder in the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnedge"
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """--data-dir, else $CNNEDGE_DATA, else the user cache folder."""
     if data_dir:
         return Path(data_dir)
     if os.environ.get("CNNEDGE_DATA"):
         return Path(os.environ["CNNEDGE_DATA"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnedge"
+    return user_cache_dir()
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

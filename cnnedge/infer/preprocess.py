@@ -307,9 +307,9 @@ def _rules(ink: np.ndarray, horizontal: bool, threshold: float) -> np.ndarray | 
     opened = cv2.morphologyEx(ink, cv2.MORPH_OPEN, kernel)
     # The wide strokes of a large digit survive that opening too and would join the rules into one blob:
     # keep only what is no thicker across than a rule can be (the `thin` bound below).
-    across = int(0.02 * length + 2) + 1
+    thickest = int(0.02 * length + 2) + 1
     opened = cv2.subtract(opened, cv2.morphologyEx(opened, cv2.MORPH_OPEN, cv2.getStructuringElement(
-        cv2.MORPH_RECT, (1, across) if horizontal else (across, 1))))
+        cv2.MORPH_RECT, (1, thickest) if horizontal else (thickest, 1))))
     count, labels, stats, centroids = cv2.connectedComponentsWithStats((opened > threshold).astype(np.uint8), connectivity=8)
     extent = stats[:, cv2.CC_STAT_WIDTH if horizontal else cv2.CC_STAT_HEIGHT]
     area = stats[:, cv2.CC_STAT_AREA]
@@ -322,17 +322,18 @@ def _rules(ink: np.ndarray, horizontal: bool, threshold: float) -> np.ndarray | 
     # On a ruled page, also the pieces of rules: where they fade out or a digit interrupts them (thin, along,
     # running off the page), and between a large digit's strokes, in its loops: thin, along, on the grid of
     # the whole rules (their offsets across, at their common tilt and spacing).
-    along, across = (0, 1) if horizontal else (1, 0)
+    axes = [0, 1] if horizontal else [1, 0]  # (x, y) -> (along the rules, across them)
     start = stats[:, cv2.CC_STAT_LEFT if horizontal else cv2.CC_STAT_TOP]
     ys, xs = np.nonzero(np.isin(labels, lines))
-    pts = np.stack([xs, ys], axis=1)[:, [along, across]] - centroids[labels[ys, xs]][:, [along, across]]
+    pts = np.stack([xs, ys], axis=1)[:, axes] - centroids[labels[ys, xs]][:, axes]
     tilt = float((pts[:, 0] * pts[:, 1]).sum() / max((pts[:, 0] ** 2).sum(), 1.0))
-    offset = centroids[:, across] - tilt * centroids[:, along]  # where each component crosses the axis
+    offset = centroids[:, axes[1]] - tilt * centroids[:, axes[0]]  # where each component crosses the axis
     grid = np.sort(offset[lines])
     spacing = float(np.diff(grid).min())
-    pieces = [i for i in range(1, count) if i not in lines and thin[i] and extent[i] >= n]
-    for i in pieces:
-        off_grid = abs((offset[i] - grid[0] + spacing / 2) % spacing - spacing / 2) if spacing > 2 else 0.0
+    for i in range(1, count):
+        if i in lines or not thin[i] or extent[i] < n:
+            continue
+        off_grid = abs((offset[i] - grid[0] + spacing / 2) % spacing - spacing / 2) if spacing > 2 else math.inf
         if start[i] <= 1 or start[i] + extent[i] >= length - 1 or off_grid <= max(2.0, 0.1 * spacing):
             lines.append(i)
     return np.where(np.isin(labels, lines), opened, 0).astype(np.uint8)
@@ -405,8 +406,8 @@ def _sheet(work: np.ndarray) -> np.ndarray | None:
     """Where a sheet of paper photographed on a much darker surface lies (a page on a table, tilted, the
     table visible around it), in working pixels and shrunk by a margin that covers the sheet's shadowed,
     dimmer edges. None when there is no such sheet: the paper fills the frame, or what surrounds the light
-    region is no darker than shadowed paper. Found on a thumbnail: the largest light region (Otsu), which
-    must be a solid convex shape (a sheet, with the writing inside its outline)."""
+    region is no darker than shadowed paper. Found on a thumbnail: the largest light region (Otsu), whose
+    convex outline (a sheet, with the writing inside it) must be light nearly throughout."""
     H, W = work.shape
     f = min(1.0, 128 / max(H, W))
     thumb = cv2.resize(work, (max(1, round(W * f)), max(1, round(H * f))), interpolation=cv2.INTER_AREA) if f < 1 else work
@@ -418,14 +419,16 @@ def _sheet(work: np.ndarray) -> np.ndarray | None:
     outline = max(contours, key=cv2.contourArea)
     hull = cv2.convexHull(outline)
     h, w = thumb.shape
-    if not 0.2 * h * w <= cv2.contourArea(hull) <= 0.92 * h * w or cv2.contourArea(outline) < 0.9 * cv2.contourArea(hull):
-        return None
     sheet = np.zeros_like(thumb)
     cv2.drawContours(sheet, [hull], -1, 255, -1)
-    surround = sheet == 0
+    inside = sheet > 0
+    # Mostly paper inside its outline (the writing is a small part of it; a fat 0 has a hole), and large.
+    if not 0.2 * h * w <= np.count_nonzero(inside) <= 0.92 * h * w or np.count_nonzero(light[inside]) < 0.85 * np.count_nonzero(inside):
+        return None
+    surround = ~inside
     border = np.concatenate([surround[0], surround[-1], surround[1:-1, 0], surround[1:-1, -1]])
     # The table runs along much of the frame and is far darker than the paper (shadows on paper rarely halve it).
-    if border.mean() < 0.4 or np.median(thumb[surround]) > 0.5 * np.median(thumb[sheet > 0]):
+    if border.mean() < 0.4 or np.median(thumb[surround]) > 0.5 * np.median(thumb[inside]):
         return None
     margin = _odd(0.04 * max(h, w))
     sheet = cv2.erode(sheet, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (margin, margin)))
@@ -574,14 +577,14 @@ def _render(mask: np.ndarray, sw: float, size: int) -> np.ndarray:
     return _place_by_mass(patch, size)
 
 
-def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat: bool):
-    """Find the symbol in a uint8 image assuming the given polarity. Returns (mask cropped to the symbol's
-    box, stroke width, box (x0, y0, x1, y1) in working pixels)."""
+def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat: bool, sheet: np.ndarray | None = None):
+    """Find the symbol in a uint8 image assuming the given polarity, on the `sheet` of paper when one was
+    found (see `_sheet`). Returns (mask cropped to the symbol's box, stroke width, box (x0, y0, x1, y1) in
+    working pixels)."""
     wh, ww = work.shape
     # The background window: larger than any stroke, small enough to follow shadows. A flat digital
     # background has no shadows to follow, and fat marker strokes need the widest window.
     k = _odd(max(wh, ww) / 2) if flat else _odd(max(7, min(wh, ww) / 6))
-    sheet = None if light or flat else _sheet(work)  # a photographed page with the table around it
     if scale < 0.7:
         # Shrinking averages thin strokes away: pool the ink first (min for dark ink, max for light).
         f = int(math.ceil(1 / scale))
@@ -673,11 +676,14 @@ def _digit(image: np.ndarray, size: int, ink: str = "auto") -> Prepared:
     else:
         work = gray
     flat, light = _flat_background(work)
+    sheet = None if flat else _sheet(work)  # a photographed page with the table around it
     if ink != "auto":  # the caller knows (a video of a page)
         light = ink == "light"
+    elif sheet is not None:  # writing on paper: dark ink (the light page on a dark table is no light symbol)
+        light = False
     elif light is None:
         light = _polarity(work)
-    crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat)
+    crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat, None if light else sheet)
     if crop.mean() > 0.85 and min(crop.shape) >= 8:
         # A solid block is no pen stroke: a darker patch of paper (a label, a pasted crop) with the symbol
         # inside. Look again within it; a fat marker bar finds nothing inside itself and stays as it is.
