@@ -87,3 +87,20 @@ def test_not_added_to_other_datasets(names, mode):
     train_idx = torch.arange(150)
     new_idx, added = D.add_synthetic(data, train_idx, 0.5, seed=0)
     assert added == 0 and new_idx is train_idx and len(data.x_train) == 200
+
+
+def test_the_default_recipe_mixes_them_in(tmp_path, data_root):
+    """`cnnedge train` adds them to the training split and says so; the checkpoint records the fraction."""
+    from typer.testing import CliRunner
+
+    from cnnedge.cli import app
+    from cnnedge.train.checkpoint import load_checkpoint
+    from cnnedge.train.zoo import get_arch
+
+    fraction = get_arch("edgenet").recipe["synthetic"]
+    out = tmp_path / "cnn.pt"
+    r = CliRunner().invoke(app, ["train", "--limit", "1000", "--epochs", "1", "--no-plots", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    added = round(fraction * 950)  # 1,000 images, 5% held out for validation
+    assert f"(950 train + {added} synthetic / 50 val / 10,000 test)" in r.output
+    assert load_checkpoint(out)["hparams"]["synthetic"] == fraction

@@ -19,9 +19,10 @@ The digit pipeline (`prepare`, or `analyse` for the box and the details), on uin
 3. Work at <= 512 px (ink-preserving min/max pooling when shrinking, so 1 px pen lines survive).
 4. Polarity: a flat digital background decides directly; photos by the strongest deviations from local
    medians at three scales, with a prior for dark ink (light ink must win clearly, with a dark surround).
-5. Illumination: the background is a morphological closing wider than the strokes; the ink is the
-   relative darkness under it (a division, floored so the dark table beyond a page does not amplify its
-   noise). This removes gradients, vignetting and shadows. Fat strokes widen the window until they fill.
+5. Illumination: the background is a morphological closing wider than the strokes, capped by a wider
+   median where a shadow's edge crosses the page; the ink is the relative darkness under it (a division,
+   floored so the dark table beyond a page does not amplify its noise). This removes gradients,
+   vignetting and shadows. Fat strokes widen the window until they fill.
 6. The rules of ruled or squared paper are removed (three or more thin lines across the image).
 7. Hysteresis threshold set from the image's own noise (MAD) and ink contrast.
 8. Connected components: specks (compact blobs) and page edges (structures running along the border in a
@@ -288,12 +289,27 @@ def _polarity(gray: np.ndarray) -> bool:
     return bool((ring < threshold).mean() > 0.5)
 
 
-def _normalised_ink(g: np.ndarray, k: int) -> np.ndarray:
+def _shade(g: np.ndarray, k: int) -> np.ndarray:
+    """A cap on the background of `_normalised_ink` (uint8, g's size): the paper's brightness as a median
+    twice as wide as the closing's window sees it, a little above it. Where the edge of a shadow crosses
+    the page, the closing carries the lit paper into the shade, which would then read as ink (and join the
+    digit it touches); the median follows the edge, and pen strokes are too small a part of its window to
+    move it. Computed at <= 128 px: the light varies slowly."""
+    H, W = g.shape
+    f = min(1.0, 128 / max(H, W))
+    small = cv2.resize(g, (max(1, round(W * f)), max(1, round(H * f))), interpolation=cv2.INTER_AREA) if f < 1 else g
+    median = cv2.medianBlur(small, min(255, _odd(0.6 * min(small.shape))))
+    return cv2.add(cv2.resize(median, (W, H), interpolation=cv2.INTER_LINEAR) if f < 1 else median, 10)
+
+
+def _normalised_ink(g: np.ndarray, k: int, shade: np.ndarray | None = None) -> np.ndarray:
     """g: uint8, dark ink on a light background. Returns uint8 ink: 255 x the relative darkness under the
-    local background (a closing wider than the strokes). Dividing by the background removes gradients and
-    shadows; the floor keeps dark regions (the table beyond the page) from amplifying their noise."""
+    local background (a closing wider than the strokes, capped by `shade`). Dividing by the background
+    removes gradients and shadows; the floor keeps dark regions (the table beyond the page) from
+    amplifying their noise."""
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (k, k))
-    bg = cv2.max(cv2.morphologyEx(g, cv2.MORPH_CLOSE, kernel), g)
+    bg = cv2.morphologyEx(g, cv2.MORPH_CLOSE, kernel)
+    bg = cv2.max(bg if shade is None else cv2.min(bg, shade), g)
     floor = max(1, _quantile(np.bincount(bg[::3, ::3].ravel(), minlength=256), 0.95) // 2)
     return cv2.divide(cv2.subtract(bg, g), cv2.max(bg, floor), scale=255)
 
@@ -595,10 +611,11 @@ def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat:
     g = cv2.GaussianBlur(g, (3, 3), 0.6) if min(wh, ww) >= 24 else g
 
     widest = max(wh, ww) if flat else _odd(min(wh, ww) / 2)  # wider would no longer follow the lighting
+    shade = None if flat else _shade(g, k)  # a flat digital background has no shadows
     found = None
     for _ in range(4):
         try:
-            ink = _remove_ruling(_normalised_ink(g, k))
+            ink = _remove_ruling(_normalised_ink(g, k, shade))
             labels, stats, keep = _segment(ink)
         except ImageError:
             if found is None:
