@@ -323,9 +323,13 @@ def _rules(ink: np.ndarray, horizontal: bool, threshold: float) -> np.ndarray | 
     opened = cv2.morphologyEx(ink, cv2.MORPH_OPEN, kernel)
     # The wide strokes of a large digit survive that opening too and would join the rules into one blob:
     # keep only what is no thicker across than a rule can be (the `thin` bound below).
+    # (Subtracted only where it clearly stands out, so that a rule crossing a stroke stays whole, and a
+    # rule on the faint ink of a shade keeps its level.)
     thickest = int(0.02 * length + 2) + 1
-    opened = cv2.subtract(opened, cv2.morphologyEx(opened, cv2.MORPH_OPEN, cv2.getStructuringElement(
-        cv2.MORPH_RECT, (1, thickest) if horizontal else (thickest, 1))))
+    thick = cv2.morphologyEx(opened, cv2.MORPH_OPEN, cv2.getStructuringElement(
+        cv2.MORPH_RECT, (1, thickest) if horizontal else (thickest, 1)))
+    thick[thick < 1.5 * threshold] = 0
+    opened = cv2.subtract(opened, thick)
     count, labels, stats, centroids = cv2.connectedComponentsWithStats((opened > threshold).astype(np.uint8), connectivity=8)
     extent = stats[:, cv2.CC_STAT_WIDTH if horizontal else cv2.CC_STAT_HEIGHT]
     area = stats[:, cv2.CC_STAT_AREA]
@@ -700,7 +704,15 @@ def _digit(image: np.ndarray, size: int, ink: str = "auto") -> Prepared:
         light = False
     elif light is None:
         light = _polarity(work)
-    crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat, None if light else sheet)
+    try:
+        crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat, None if light else sheet)
+    except ImageError:
+        if ink != "auto":
+            raise
+        # Nothing stroke-like in the polarity the votes chose (fat chalk strokes on a dark board can pass
+        # for a light page): the other one.
+        light = not light
+        crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat, None if light else sheet)
     if crop.mean() > 0.85 and min(crop.shape) >= 8:
         # A solid block is no pen stroke: a darker patch of paper (a label, a pasted crop) with the symbol
         # inside. Look again within it; a fat marker bar finds nothing inside itself and stays as it is.

@@ -138,6 +138,7 @@ def load_data(dataset: str, data_dir: str | os.PathLike | None = None, download:
 
 
 DIGITS = [str(d) for d in range(10)]
+SYNTHETIC_DATASETS = ("mnist", "qmnist")  # what synthetic handwriting (cnnedge.synth) is mixed into
 
 
 def synthetic_digits(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,11 +177,12 @@ def synthetic_digits(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 
 def add_synthetic(data: Data, train_idx: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, int]:
-    """Mix synthetic handwriting into the training split of a digits dataset (never into validation or
-    test): `fraction` x as many images as the split holds, appended to data.x_train / y_train. Returns the
-    training indices with the new images and how many were added (0 for other datasets)."""
+    """Mix synthetic handwriting into the training split of MNIST or QMNIST (never into validation or test,
+    nor into other datasets, an ImageFolder of the user's own digits included): `fraction` x as many images
+    as the split holds, appended to data.x_train / y_train. Returns the training indices with the new
+    images and how many were added."""
     count = round(fraction * len(train_idx))
-    if count <= 0 or data.class_names != DIGITS or data.preprocess != "digit" or tuple(data.x_train.shape[1:]) != (1, 28, 28):
+    if count <= 0 or data.name not in SYNTHETIC_DATASETS or data.class_names != DIGITS:
         return train_idx, 0
     x, y = synthetic_digits(count, seed)
     start = len(data.x_train)
