@@ -566,13 +566,14 @@ def _crop(digit, rng):
 def _app28(digit, rng):
     """What a drawing app sends: a digit drawn with the mouse or a finger on a 280 px canvas, the canvas
     shrunk to 28x28 (INTER_AREA). Thin 1-2 px polylines filling about 21x17 px, placed by eye (neither
-    fitted into 20x20 nor centred by mass); white on black, sometimes black on white (paint programs)."""
+    fitted into 20x20 nor centred by mass); white on black, sometimes black on white (paint programs).
+    Every way of writing each digit, the unusual ones included (hooked 9s, open-top 6s, crossed 4s...)."""
     side = 280
     canvas = np.zeros((side, side), np.uint8)
     height = rng.uniform(0.55, 0.8) * side
     centre = np.array([side / 2, side / 2]) + rng.uniform(-0.07, 0.07, 2) * side
     pen = int(rng.integers(8, 21))  # 8-20 px on the canvas: 0.8-2 px at 28x28
-    for stroke in digit_strokes(digit, rng):
+    for stroke in digit_strokes(digit, rng, ALL_VARIANTS[digit]):
         pts = stroke * height + centre
         step = int(rng.integers(2, 6))  # pointer events every few samples, joined by straight segments
         pts = np.vstack([pts[::step], pts[-1:]])
@@ -583,13 +584,14 @@ def _app28(digit, rng):
 
 def _canvas(digit, rng):
     """A canvas drawing (mouse, finger or stylus) saved at its own size: 200-640 px, a flat white or dark
-    background, round-capped polylines 2-9% of the canvas wide, the digit wherever it was drawn."""
+    background, round-capped polylines 2-9% of the canvas wide, the digit wherever it was drawn; every way
+    of writing each digit (closed-top 4s are half the misses on canvases)."""
     h = int(rng.integers(200, 641))
     w = int(h * rng.uniform(0.8, 1.6))
     cov = np.zeros((h, w), np.uint8)
     centre, height = _place((h, w), rng, (0.45, 0.85), 0.1)
     pen = max(2, int(rng.uniform(0.02, 0.09) * min(h, w)))
-    for stroke in digit_strokes(digit, rng):
+    for stroke in digit_strokes(digit, rng, ALL_VARIANTS[digit]):
         pts = stroke * height + np.asarray(centre)
         step = int(rng.integers(1, 5))
         pts = np.vstack([pts[::step], pts[-1:]])
