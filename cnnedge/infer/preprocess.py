@@ -17,17 +17,20 @@ The digit pipeline (`prepare`, or `analyse` for the box and the details), on uin
    fitted into 20x20, the centre of mass at the centre, MNIST-like strokes (see `mnist_like`). Any other
    small image (an app's 28x28 canvas export) is normalised like a photo.
 3. Work at <= 512 px (ink-preserving min/max pooling when shrinking, so 1 px pen lines survive).
-4. Polarity: a flat digital background decides directly; photos by the strongest deviations from local
-   medians at three scales, with a prior for dark ink (light ink must win clearly, with a dark surround).
+4. Polarity: a flat digital background decides directly; a sheet of paper photographed on a darker table
+   (see `_sheet`) means dark ink; other photos are decided by the strongest deviations from local medians
+   at three scales, with a prior for dark ink (light ink must win clearly, with a dark surround).
 5. Illumination: the background is a morphological closing wider than the strokes, capped by a wider
    median where a shadow's edge crosses the page; the ink is the relative darkness under it (a division,
    floored so the dark table beyond a page does not amplify its noise). This removes gradients,
    vignetting and shadows. Fat strokes widen the window until they fill.
-6. The rules of ruled or squared paper are removed (three or more thin lines across the image).
+6. The rules of ruled or squared paper are removed (three or more thin lines across the image, and
+   their pieces where a large digit's strokes cut them).
 7. Hysteresis threshold set from the image's own noise (MAD) and ink contrast.
-8. Connected components: specks (compact blobs) and page edges (structures running along the border in a
-   band, the table beyond the sheet) are ignored unless nothing else is there (a digit cut tight touches
-   the border too); the digit's parts (a 5's bar, a broken stroke) are merged by proximity.
+8. Connected components: specks (compact blobs), page edges (structures running along the border in a
+   band, the table beyond the sheet) and what lies beyond a photographed sheet are ignored unless nothing
+   else is there (a digit cut tight touches the border too); the digit's parts (a 5's bar, a broken
+   stroke) are merged by proximity.
 9. Stroke width normalisation: the stroke width is measured (area / half perimeter), the shape is
    rebuilt at 4x the output scale and thickened or thinned with distance transforms to MNIST's width
    (~11% of the box), so a 1 px line on a 1000 px canvas and a fat marker both look like MNIST pens.
@@ -704,15 +707,7 @@ def _digit(image: np.ndarray, size: int, ink: str = "auto") -> Prepared:
         light = False
     elif light is None:
         light = _polarity(work)
-    try:
-        crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat, None if light else sheet)
-    except ImageError:
-        if ink != "auto":
-            raise
-        # Nothing stroke-like in the polarity the votes chose (fat chalk strokes on a dark board can pass
-        # for a light page): the other one.
-        light = not light
-        crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat, None if light else sheet)
+    crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat, None if light else sheet)
     if crop.mean() > 0.85 and min(crop.shape) >= 8:
         # A solid block is no pen stroke: a darker patch of paper (a label, a pasted crop) with the symbol
         # inside. Look again within it; a fat marker bar finds nothing inside itself and stays as it is.
