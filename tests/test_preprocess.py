@@ -10,7 +10,7 @@ from cnnedge.errors import ImageError
 from cnnedge.infer import files as F
 from cnnedge.infer.files import read_idx
 from cnnedge.infer import preprocess as P
-from cnnedge.synth import STYLES, digit_strokes, draw_strokes, render_digit
+from cnnedge.synth import STYLES, camera, digit_strokes, draw_strokes, render_digit
 
 MODEL = "export/cnn.onnx"
 
@@ -29,6 +29,12 @@ def check_mnist_geometry(x: np.ndarray) -> None:
     assert 19 <= longer <= 22, longer
     m = cv2.moments(x)
     assert abs(m["m10"] / m["m00"] - 14) <= 0.75 and abs(m["m01"] / m["m00"] - 14) <= 0.75
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of two network inputs, a little blurred: 1 for the same shape, unmoved by a pixel's shift."""
+    a, b = (cv2.GaussianBlur(x, (0, 0), 1.0).ravel() for x in (a, b))
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def digit_on(shape, digit, seed, height, width_px, dark_ink=True, centre=None):
@@ -83,9 +89,15 @@ def test_mnist_upscaled_onto_paper_goes_through_the_full_pipeline(data_root):
 def test_every_style_gives_an_mnist_style_input(style):
     rng = np.random.default_rng(7)
     for digit in (0, 4, 8):
-        r = P.analyse(render_digit(digit, style, rng))
+        image = render_digit(digit, style, rng)
+        r = P.analyse(image)
         check_mnist_geometry(r.input)
-        assert r.light_ink == (style in ("mnist", "dark"))
+        if style in ("app28", "canvas"):  # drawn in either polarity: a flat background tells which
+            grey = P.to_gray(image)
+            light = np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])) < 0.5
+        else:
+            light = style in ("mnist", "dark")
+        assert r.light_ink == light
 
 
 def test_thin_strokes_on_a_large_canvas_do_not_vanish():
@@ -219,3 +231,39 @@ def test_synth_is_seeded_and_styles_have_their_formats():
     assert render_digit(1, "marker", rng).shape[2] == 4
     assert render_digit(1, "deep", rng).dtype == np.uint16
     assert min(render_digit(1, "thin", rng).shape[:2]) >= 800
+
+
+def ruled_page(digit, height, seed, size=480, spacing=28, rule=60, lines=True):
+    """The issue's notebook: a pen digit photographed on a 480 px page with dark 2 px rules every 28 px."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size), 235, np.float32)
+    if lines:
+        for y in range(spacing // 2, size, spacing):
+            img[y: y + 2] = rule
+    cov = draw_strokes((size, size), digit_strokes(digit, rng), (size / 2, size / 2), height, 0.1 * height, rng)
+    return camera(img * (1 - cov) / 255 + cov * 30 / 255, rng)
+
+
+@pytest.mark.parametrize("height", [162, 216, 270, 380])
+def test_a_large_digit_on_ruled_paper_is_not_a_blob(height):
+    """Rules as dark as the pen, crossed by a large digit's wide strokes: they must still be recognised as
+    rules and removed (the digit's own pixels kept), not merged with the digit into a filled block."""
+    for seed in range(2):
+        ruled, plain = P.analyse(ruled_page(5, height, seed)), P.analyse(ruled_page(5, height, seed, lines=False))
+        check_mnist_geometry(ruled.input)
+        x, y, w, h = ruled.box
+        assert abs(h - plain.box[3]) <= 0.1 * height and abs(w - plain.box[2]) <= 0.1 * height, (ruled.box, plain.box)
+        assert similarity(ruled.input, plain.input) > 0.85
+
+
+def test_a_tilted_page_on_a_dark_table_is_not_the_symbol():
+    """The issue's photo read as 0: a sheet turned by 5-25 degrees on a dark table, visible all around it,
+    with a shadow. The page's edge and the table must stay out: the box is the digit's (at most 55% of the
+    page's height, 95% of the image's), never the page's."""
+    rng = np.random.default_rng(21)
+    for digit in range(10):
+        img = render_digit(digit, "pageedge", rng)
+        r = P.analyse(img)
+        x, y, w, h = r.box
+        assert max(w / img.shape[1], h / img.shape[0]) <= 0.6, (digit, r.box, img.shape)
+        check_mnist_geometry(r.input)

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import stat
+import struct
 import sys
 import tempfile
 import unicodedata
@@ -29,7 +30,8 @@ MAX_PIXELS = 80_000_000  # larger images are refused from their header, before d
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode a file as is (8/16-bit, grey, BGR or BGRA). Any file name works (no cv2.imread)."""
+    """Decode a file as is (8/16-bit, grey, BGR or BGRA), upright (see `decode_image`). Any file name works
+    (no cv2.imread)."""
     try:
         st = os.stat(path)
         if stat.S_ISDIR(st.st_mode):
@@ -48,11 +50,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def decode_image(data: bytes | np.ndarray) -> np.ndarray:
+    """Decode encoded image bytes as is (8/16-bit, grey, BGR or BGRA), upright: the EXIF orientation of a
+    JPEG, WebP or PNG (eXIf) is applied as image viewers do (OpenCV's TIFF decoder applies TIFF's own)."""
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if buf.size == 0:
         raise ImageError("empty file")
     try:
-        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        # IMREAD_UNCHANGED keeps 16-bit depth and alpha but is the one mode in which OpenCV does not apply the
+        # EXIF orientation, so it is read from the metadata decoded alongside (keyword: the positional order
+        # differs between OpenCV 4 and 5).
+        image, kinds, blobs = cv2.imdecodeWithMetadata(buf, flags=cv2.IMREAD_UNCHANGED)
     except cv2.error as e:
         if "validateInputImageSize" in str(e):  # OpenCV's limit (cnnedge/__init__.py): nothing was decoded
             raise ImageTooLarge(f"over the size limit of {MAX_PIXELS:,} pixels and {1 << 20:,} on a side "
@@ -64,7 +71,43 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
         raise ImageError("empty image")
     if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
         raise ImageError(f"unsupported channel count {image.shape[2]}")
-    return image
+    exif = [b for kind, b in zip(kinds, blobs) if kind == cv2.IMAGE_METADATA_EXIF]
+    return oriented(image, exif_orientation(exif[0].tobytes()) if exif else 1)
+
+
+def exif_orientation(exif: bytes) -> int:
+    """The Orientation tag (1-8) of an EXIF block (a TIFF header and its first directory), 1 when it is
+    absent or unreadable. 1 is upright; 2-8 say how the stored pixels must be flipped or turned."""
+    if exif.startswith(b"Exif\0\0"):  # some writers keep the JPEG APP1 prefix
+        exif = exif[6:]
+    order = {b"II": "<", b"MM": ">"}.get(exif[:2])
+    try:
+        if order is None or struct.unpack_from(order + "H", exif, 2)[0] != 42:
+            return 1
+        ifd = struct.unpack_from(order + "I", exif, 4)[0]
+        for i in range(struct.unpack_from(order + "H", exif, ifd)[0]):
+            tag, kind, count = struct.unpack_from(order + "HHI", exif, ifd + 2 + 12 * i)
+            if tag == 0x0112:  # Orientation: one SHORT, stored in the entry itself
+                value = struct.unpack_from(order + "H", exif, ifd + 10 + 12 * i)[0] if kind == 3 and count >= 1 else 1
+                return value if 1 <= value <= 8 else 1
+    except struct.error:  # truncated or pointing past the end
+        pass
+    return 1
+
+
+# EXIF orientation -> (row step, column step) applied after transposing for 5-8: what a viewer does.
+_ORIENTATIONS = {2: (1, -1), 3: (-1, -1), 4: (-1, 1), 5: (1, 1), 6: (1, -1), 7: (-1, -1), 8: (-1, 1)}
+
+
+def oriented(image: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels as a viewer shows them under EXIF orientation 1-8 (2: mirrored, 3: upside down,
+    4: flipped vertically, 5: transposed, 6: turned 90 degrees clockwise, 7: transversed, 8: anticlockwise)."""
+    if orientation not in _ORIENTATIONS:
+        return image
+    if orientation >= 5:
+        image = image.swapaxes(0, 1)
+    rows, cols = _ORIENTATIONS[orientation]
+    return np.ascontiguousarray(image[::rows, ::cols])
 
 
 # Characters that act on a terminal or break a line instead of showing: C0/C1 controls (ESC sequences clear the
@@ -305,13 +348,18 @@ def captured_output():
 TEST_SETS = {"mnist": "MNIST", "qmnist": "QMNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 
 
+def user_cache_dir() -> Path:
+    """cnnedge's folder in the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnedge"
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """--data-dir, else $CNNEDGE_DATA, else the user cache folder."""
     if data_dir:
         return Path(data_dir)
     if os.environ.get("CNNEDGE_DATA"):
         return Path(os.environ["CNNEDGE_DATA"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnedge"
+    return user_cache_dir()
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

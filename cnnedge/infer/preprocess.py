@@ -13,18 +13,24 @@ The digit pipeline (`prepare`, or `analyse` for the box and the details), on uin
 
 1. Decode anything (8/16-bit, grey/BGR/BGRA); transparent pixels are flattened onto white paper (onto
    black when the visible ink is light); the contrast is stretched (a 12-bit sensor in a 16-bit file).
-2. An input that already looks like MNIST (size x size, dark border, bright strokes) passes through as is.
+2. An input that already is MNIST's format passes through as is: size x size, either polarity, the ink's box
+   fitted into 20x20, the centre of mass at the centre, MNIST-like strokes (see `mnist_like`). Any other
+   small image (an app's 28x28 canvas export) is normalised like a photo.
 3. Work at <= 512 px (ink-preserving min/max pooling when shrinking, so 1 px pen lines survive).
-4. Polarity: a flat digital background decides directly; photos by the strongest deviations from local
-   medians at three scales, with a prior for dark ink (light ink must win clearly, with a dark surround).
-5. Illumination: the background is a morphological closing wider than the strokes; the ink is the
-   relative darkness under it (a division, floored so the dark table beyond a page does not amplify its
-   noise). This removes gradients, vignetting and shadows. Fat strokes widen the window until they fill.
-6. The rules of ruled or squared paper are removed (three or more thin lines across the image).
+4. Polarity: a flat digital background decides directly; a sheet of paper photographed on a darker table
+   (see `_sheet`) means dark ink; other photos are decided by the strongest deviations from local medians
+   at three scales, with a prior for dark ink (light ink must win clearly, with a dark surround).
+5. Illumination: the background is a morphological closing wider than the strokes, capped by a wider
+   median where a shadow's edge crosses the page; the ink is the relative darkness under it (a division,
+   floored so the dark table beyond a page does not amplify its noise). This removes gradients,
+   vignetting and shadows. Fat strokes widen the window until they fill.
+6. The rules of ruled or squared paper are removed (three or more thin lines across the image, and
+   their pieces where a large digit's strokes cut them).
 7. Hysteresis threshold set from the image's own noise (MAD) and ink contrast.
-8. Connected components: specks (compact blobs) and page edges (structures running along the border in a
-   band, the table beyond the sheet) are ignored unless nothing else is there (a digit cut tight touches
-   the border too); the digit's parts (a 5's bar, a broken stroke) are merged by proximity.
+8. Connected components: specks (compact blobs), page edges (structures running along the border in a
+   band, the table beyond the sheet) and what lies beyond a photographed sheet are ignored unless nothing
+   else is there (a digit cut tight touches the border too); the digit's parts (a 5's bar, a broken
+   stroke) are merged by proximity.
 9. Stroke width normalisation: the stroke width is measured (area / half perimeter), the shape is
    rebuilt at 4x the output scale and thickened or thinned with distance transforms to MNIST's width
    (~11% of the box), so a 1 px line on a 1000 px canvas and a fat marker both look like MNIST pens.
@@ -34,6 +40,7 @@ The digit pipeline (`prepare`, or `analyse` for the box and the details), on uin
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -145,25 +152,51 @@ def _place_by_mass(patch: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _moments(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For flattened size x size images: a (size * size, 2 * size) matrix whose product gives the row and
+    column sums, and a (size * size, 3) one for the moments of order 1 and 0 (y, x, mass)."""
+    y, x = np.divmod(np.arange(size * size), size)
+    sums = np.zeros((size * size, 2 * size), np.float32)
+    sums[np.arange(size * size), y] = 1
+    sums[np.arange(size * size), size + x] = 1
+    return sums, np.stack([y, x, np.ones_like(x)], axis=1).astype(np.float32)
+
+
 def mnist_like(batch: np.ndarray) -> np.ndarray:
     """For a stack (N, size, size) of grey images in [0, 1]: which ones already are MNIST-style network
-    inputs (dark border, a bright symbol of reasonable extent) and should be used as they are.
-    Vectorised: predict checks a whole chunk of 28x28 files at once."""
-    n = batch.shape[0]
+    inputs and should be used as they are. Not any small white-on-black image: what MNIST's recipe makes
+    of a digit. The ink's box fitted into 20x20 (its longer side 18-20 px at 28x28: so a dark border, at
+    least 8 rows and 8 columns without ink, which also settles the polarity), the centre of mass on the
+    centre pixel (within 0.6 px), a stroke neither a hairline nor a blob. The whole MNIST training and
+    test sets pass; the thin 1-2 px polylines that an app shrank from its canvas, in a 21x17 box placed
+    by eye, do not. Vectorised in few numpy calls: predict checks a whole chunk of 28x28 files at once,
+    `Predictor.preprocess` single images."""
+    n, size = batch.shape[0], batch.shape[1]
+    sums, moments = _moments(size)
     flat = batch.reshape(n, -1)
-    peak = flat.max(axis=1)
-    ring = np.concatenate([batch[:, :2].reshape(n, -1), batch[:, -2:].reshape(n, -1),
-                           batch[:, 2:-2, :2].reshape(n, -1), batch[:, 2:-2, -2:].reshape(n, -1)], axis=1)
-    half = 0.5 * peak[:, None]
-    ring_dark = np.median(ring, axis=1) <= 0.1 * peak
-    ring_clear = (ring > half).mean(axis=1) <= 0.05
-    ink = (flat > half).mean(axis=1)
-    return (peak >= 0.3) & ring_dark & ring_clear & (ink >= 0.01) & (ink <= 0.5)
+    peak = flat.max(axis=1)[:, None]
+    # The box: the rows and columns holding a tenth of a peak pixel's worth of ink or more.
+    lit = ((flat @ sums) > 0.1 * peak).reshape(n, 2, size)
+    extent = (size - lit.argmax(axis=2) - lit[:, :, ::-1].argmax(axis=2)).max(axis=1)
+    ok = (peak[:, 0] >= 0.3) & (extent >= _fit_box(size) - 2 * size / 28) & (extent <= _fit_box(size))
+    # The centre of mass, in pixel indices: MNIST puts it at 14 +- 0.5 of a 28x28 field.
+    m = flat @ moments
+    ok &= np.abs(m[:, :2] - size / 2 * m[:, 2:]).max(axis=1) <= 0.6 * size / 28 * m[:, 2]
+    # Stroke width, area / half the boundary length of the ink at half the peak: 0.6 to 7 px (MNIST: 0.77
+    # to 6.3). Counted along the flattened rows, so across the row ends too, where the border is dark.
+    on = flat > 0.5 * peak
+    area = on.sum(axis=1)
+    boundary = (on[:, 1:] != on[:, :-1]).sum(axis=1) + (on[:, size:] != on[:, :-size]).sum(axis=1)
+    ok &= (area >= 0.01 * size * size) & (area >= 0.3 * size / 28 * boundary) & (area <= 3.5 * size / 28 * boundary)
+    return ok
 
 
 def as_network_input(batch: np.ndarray) -> np.ndarray:
     """MNIST-like images used as they are; only a dim one is stretched so that its peak is 1, like MNIST's."""
     peak = batch.reshape(batch.shape[0], -1).max(axis=1)
+    if peak.min() >= 0.98:
+        return batch
     scale = np.where(peak < 0.98, 1.0 / np.maximum(peak, 1e-6), 1.0).astype(np.float32)
     return batch * scale[:, None, None]
 
@@ -259,12 +292,27 @@ def _polarity(gray: np.ndarray) -> bool:
     return bool((ring < threshold).mean() > 0.5)
 
 
-def _normalised_ink(g: np.ndarray, k: int) -> np.ndarray:
+def _shade(g: np.ndarray, k: int) -> np.ndarray:
+    """A cap on the background of `_normalised_ink` (uint8, g's size): the paper's brightness as a median
+    twice as wide as the closing's window sees it, a little above it. Where the edge of a shadow crosses
+    the page, the closing carries the lit paper into the shade, which would then read as ink (and join the
+    digit it touches); the median follows the edge, and pen strokes are too small a part of its window to
+    move it. Computed at <= 128 px: the light varies slowly."""
+    H, W = g.shape
+    f = min(1.0, 128 / max(H, W))
+    small = cv2.resize(g, (max(1, round(W * f)), max(1, round(H * f))), interpolation=cv2.INTER_AREA) if f < 1 else g
+    median = cv2.medianBlur(small, min(255, _odd(0.6 * min(small.shape))))
+    return cv2.add(cv2.resize(median, (W, H), interpolation=cv2.INTER_LINEAR) if f < 1 else median, 10)
+
+
+def _normalised_ink(g: np.ndarray, k: int, shade: np.ndarray | None = None) -> np.ndarray:
     """g: uint8, dark ink on a light background. Returns uint8 ink: 255 x the relative darkness under the
-    local background (a closing wider than the strokes). Dividing by the background removes gradients and
-    shadows; the floor keeps dark regions (the table beyond the page) from amplifying their noise."""
+    local background (a closing wider than the strokes, capped by `shade`). Dividing by the background
+    removes gradients and shadows; the floor keeps dark regions (the table beyond the page) from
+    amplifying their noise."""
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (k, k))
-    bg = cv2.max(cv2.morphologyEx(g, cv2.MORPH_CLOSE, kernel), g)
+    bg = cv2.morphologyEx(g, cv2.MORPH_CLOSE, kernel)
+    bg = cv2.max(bg if shade is None else cv2.min(bg, shade), g)
     floor = max(1, _quantile(np.bincount(bg[::3, ::3].ravel(), minlength=256), 0.95) // 2)
     return cv2.divide(cv2.subtract(bg, g), cv2.max(bg, floor), scale=255)
 
@@ -276,7 +324,16 @@ def _rules(ink: np.ndarray, horizontal: bool, threshold: float) -> np.ndarray | 
     n = max(5, length // 12)  # short enough to fit along a slightly tilted thin line
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (n, 1) if horizontal else (1, n))
     opened = cv2.morphologyEx(ink, cv2.MORPH_OPEN, kernel)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats((opened > threshold).astype(np.uint8), connectivity=8)
+    # The wide strokes of a large digit survive that opening too and would join the rules into one blob:
+    # keep only what is no thicker across than a rule can be (the `thin` bound below).
+    # (Subtracted only where it clearly stands out, so that a rule crossing a stroke stays whole, and a
+    # rule on the faint ink of a shade keeps its level.)
+    thickest = int(0.02 * length + 2) + 1
+    thick = cv2.morphologyEx(opened, cv2.MORPH_OPEN, cv2.getStructuringElement(
+        cv2.MORPH_RECT, (1, thickest) if horizontal else (thickest, 1)))
+    thick[thick < 1.5 * threshold] = 0
+    opened = cv2.subtract(opened, thick)
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats((opened > threshold).astype(np.uint8), connectivity=8)
     extent = stats[:, cv2.CC_STAT_WIDTH if horizontal else cv2.CC_STAT_HEIGHT]
     area = stats[:, cv2.CC_STAT_AREA]
     # Printed rules cross (nearly) the whole image and are thin (area / length, which tilt does not change,
@@ -285,10 +342,23 @@ def _rules(ink: np.ndarray, horizontal: bool, threshold: float) -> np.ndarray | 
     lines = [i for i in range(1, count) if extent[i] >= 0.7 * length and thin[i]]
     if len(lines) < 3:
         return None
-    # On a ruled page, also the pieces of rules that fade out somewhere: long, thin, running off the page.
+    # On a ruled page, also the pieces of rules: where they fade out or a digit interrupts them (thin, along,
+    # running off the page), and between a large digit's strokes, in its loops: thin, along, on the grid of
+    # the whole rules (their offsets across, at their common tilt and spacing).
+    axes = [0, 1] if horizontal else [1, 0]  # (x, y) -> (along the rules, across them)
     start = stats[:, cv2.CC_STAT_LEFT if horizontal else cv2.CC_STAT_TOP]
-    lines += [i for i in range(1, count) if i not in lines and thin[i] and extent[i] >= 0.25 * length
-              and (start[i] <= 1 or start[i] + extent[i] >= length - 1)]
+    ys, xs = np.nonzero(np.isin(labels, lines))
+    pts = np.stack([xs, ys], axis=1)[:, axes] - centroids[labels[ys, xs]][:, axes]
+    tilt = float((pts[:, 0] * pts[:, 1]).sum() / max((pts[:, 0] ** 2).sum(), 1.0))
+    offset = centroids[:, axes[1]] - tilt * centroids[:, axes[0]]  # where each component crosses the axis
+    grid = np.sort(offset[lines])
+    spacing = float(np.diff(grid).min())
+    for i in range(1, count):
+        if i in lines or not thin[i] or extent[i] < n:
+            continue
+        off_grid = abs((offset[i] - grid[0] + spacing / 2) % spacing - spacing / 2) if spacing > 2 else math.inf
+        if start[i] <= 1 or start[i] + extent[i] >= length - 1 or off_grid <= max(2.0, 0.1 * spacing):
+            lines.append(i)
     return np.where(np.isin(labels, lines), opened, 0).astype(np.uint8)
 
 
@@ -306,7 +376,10 @@ def _remove_ruling(ink: np.ndarray) -> np.ndarray:
         if _rules(small, horizontal, 0.1 * level) is not None:
             rule = _rules(ink, horizontal, 0.15 * level)
             if rule is not None:
-                typical = _quantile(np.bincount(rule[rule > 0], minlength=256), 0.5)
+                # How dark a rule is: along its middle (the blurred flanks of a photographed rule are fainter).
+                across = cv2.getStructuringElement(cv2.MORPH_RECT, (1, 5) if horizontal else (5, 1))
+                ridge = rule[(rule > 0) & (rule >= cv2.dilate(rule, across))]
+                typical = _quantile(np.bincount(ridge, minlength=256), 0.5)
                 near = cv2.dilate((rule > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
                 out = out.copy() if out is ink else out
                 out[near & (ink <= 1.6 * typical)] = 0
@@ -352,7 +425,41 @@ def _elongation(mask: np.ndarray) -> float:
     return perimeter * perimeter / (4 * area)
 
 
-def _select(labels: np.ndarray, stats: np.ndarray, keep: list[int], shape: tuple[int, int]) -> tuple[list[int], float]:
+def _sheet(work: np.ndarray) -> np.ndarray | None:
+    """Where a sheet of paper photographed on a much darker surface lies (a page on a table, tilted, the
+    table visible around it), in working pixels and shrunk by a margin that covers the sheet's shadowed,
+    dimmer edges. None when there is no such sheet: the paper fills the frame, or what surrounds the light
+    region is no darker than shadowed paper. Found on a thumbnail: the largest light region (Otsu), whose
+    convex outline (a sheet, with the writing inside it) must be light nearly throughout."""
+    H, W = work.shape
+    f = min(1.0, 128 / max(H, W))
+    thumb = cv2.resize(work, (max(1, round(W * f)), max(1, round(H * f))), interpolation=cv2.INTER_AREA) if f < 1 else work
+    thumb = cv2.GaussianBlur(thumb, (0, 0), 1.0)
+    _, light = cv2.threshold(thumb, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    contours, _ = cv2.findContours(light, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    outline = max(contours, key=cv2.contourArea)
+    hull = cv2.convexHull(outline)
+    h, w = thumb.shape
+    sheet = np.zeros_like(thumb)
+    cv2.drawContours(sheet, [hull], -1, 255, -1)
+    inside = sheet > 0
+    # Mostly paper inside its outline (the writing is a small part of it; a fat 0 has a hole), and large.
+    if not 0.2 * h * w <= np.count_nonzero(inside) <= 0.92 * h * w or np.count_nonzero(light[inside]) < 0.85 * np.count_nonzero(inside):
+        return None
+    surround = ~inside
+    border = np.concatenate([surround[0], surround[-1], surround[1:-1, 0], surround[1:-1, -1]])
+    # The table runs along much of the frame and is far darker than the paper (shadows on paper rarely halve it).
+    if border.mean() < 0.4 or np.median(thumb[surround]) > 0.5 * np.median(thumb[inside]):
+        return None
+    margin = _odd(0.04 * max(h, w))
+    sheet = cv2.erode(sheet, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (margin, margin)))
+    return cv2.resize(sheet, (W, H), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def _select(labels: np.ndarray, stats: np.ndarray, keep: list[int], shape: tuple[int, int],
+            sheet: np.ndarray | None = None) -> tuple[list[int], float]:
     """The components that make up the symbol, and its stroke width.
 
     A main component (large, stroke-like, central, off the border) plus the parts close to it (a 5's
@@ -391,7 +498,9 @@ def _select(labels: np.ndarray, stats: np.ndarray, keep: list[int], shape: tuple
             # How much of each side of the image the blob runs along: top, bottom, left, right.
             runs = (np.count_nonzero(m[:z].any(axis=0)) >= 0.5 * W, np.count_nonzero(m[H - z:].any(axis=0)) >= 0.5 * W,
                     np.count_nonzero(m[:, :z].any(axis=1)) >= 0.5 * H, np.count_nonzero(m[:, W - z:].any(axis=1)) >= 0.5 * H)
-            if not any(runs) or sum(runs) >= 3:  # along three sides or more: a digit cut tight, not a page edge
+            # Along every side too: the table all around a tilted page. (A zero cut tight to its box runs along
+            # them as well; with nothing else left it is kept below, as the symbol.)
+            if not any(runs):
                 continue
             # A page edge stays in a band along the sides it runs along; a digit reaches into the image.
             band = np.zeros((H, W), bool)
@@ -404,6 +513,9 @@ def _select(labels: np.ndarray, stats: np.ndarray, keep: list[int], shape: tuple
             zone = cv2.dilate(np.isin(glabels, along).astype(np.uint8), rect)
             inside = np.bincount(labels[zone > 0], minlength=len(stats))
             edges = {c for c in keep if inside[c] >= 0.5 * area[c]}
+    if sheet is not None:  # and what lies mostly beyond the sheet of paper: the table, its shadow
+        inside = np.bincount(labels[sheet], minlength=len(stats))
+        edges |= {c for c in keep if inside[c] < 0.5 * area[c]}
     rest = [c for c in keep if c not in edges]
     if not any(max(stats[c, 2], stats[c, 3]) >= 0.08 * min(H, W) and elongation(c) >= 4.5 for c in rest):
         rest = list(keep)  # nothing but the border structure: it is the symbol (a tight crop)
@@ -488,9 +600,10 @@ def _render(mask: np.ndarray, sw: float, size: int) -> np.ndarray:
     return _place_by_mass(patch, size)
 
 
-def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat: bool):
-    """Find the symbol in a uint8 image assuming the given polarity. Returns (mask cropped to the symbol's
-    box, stroke width, box (x0, y0, x1, y1) in working pixels)."""
+def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat: bool, sheet: np.ndarray | None = None):
+    """Find the symbol in a uint8 image assuming the given polarity, on the `sheet` of paper when one was
+    found (see `_sheet`). Returns (mask cropped to the symbol's box, stroke width, box (x0, y0, x1, y1) in
+    working pixels)."""
     wh, ww = work.shape
     # The background window: larger than any stroke, small enough to follow shadows. A flat digital
     # background has no shadows to follow, and fat marker strokes need the widest window.
@@ -505,16 +618,17 @@ def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat:
     g = cv2.GaussianBlur(g, (3, 3), 0.6) if min(wh, ww) >= 24 else g
 
     widest = max(wh, ww) if flat else _odd(min(wh, ww) / 2)  # wider would no longer follow the lighting
+    shade = None if flat else _shade(g, k)  # a flat digital background has no shadows
     found = None
     for _ in range(4):
         try:
-            ink = _remove_ruling(_normalised_ink(g, k))
+            ink = _remove_ruling(_normalised_ink(g, k, shade))
             labels, stats, keep = _segment(ink)
         except ImageError:
             if found is None:
                 raise
             break  # the wider window saw the lighting as ink: keep what the narrower one found
-        chosen, sw = _select(labels, stats, keep, (wh, ww))
+        chosen, sw = _select(labels, stats, keep, (wh, ww), sheet)
         found = labels, stats, chosen
         if 4 * sw <= k or k >= widest:
             break
@@ -586,11 +700,14 @@ def _digit(image: np.ndarray, size: int, ink: str = "auto") -> Prepared:
     else:
         work = gray
     flat, light = _flat_background(work)
+    sheet = None if flat else _sheet(work)  # a photographed page with the table around it
     if ink != "auto":  # the caller knows (a video of a page)
         light = ink == "light"
+    elif sheet is not None:  # writing on paper: dark ink (the light page on a dark table is no light symbol)
+        light = False
     elif light is None:
         light = _polarity(work)
-    crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat)
+    crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat, None if light else sheet)
     if crop.mean() > 0.85 and min(crop.shape) >= 8:
         # A solid block is no pen stroke: a darker patch of paper (a label, a pasted crop) with the symbol
         # inside. Look again within it; a fat marker bar finds nothing inside itself and stays as it is.

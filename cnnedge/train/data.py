@@ -167,6 +167,59 @@ def load_data(dataset: str, data_dir: str | os.PathLike | None = None, download:
     return load_torchvision(dataset, root, download)
 
 
+DIGITS = [str(d) for d in range(10)]
+SYNTHETIC_DATASETS = ("mnist", "qmnist")  # what synthetic handwriting (cnnedge.synth) is mixed into
+
+
+def synthetic_digits(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` synthetic hand-written digits in MNIST's format (cnnedge.synth.mnist_digits) as float32
+    (count, 1, 28, 28) in [0, 1] and int64 labels. Rendered once (about a millisecond an image) and cached
+    in the user cache folder under a key of the renderer's source and the seed, so that a change to the
+    renderer renders them anew. The renderer draws image after image from one seeded stream, so the first
+    `count` of a larger cached set are the same images: one file serves every count. A cache that cannot
+    be written only costs the rendering."""
+    import hashlib
+    import io
+
+    import numpy as np
+
+    from cnnedge import synth
+    from cnnedge.atomic import write_bytes
+    from cnnedge.infer.files import user_cache_dir
+
+    key = hashlib.sha256(Path(synth.__file__).read_bytes() + f"|{seed}".encode()).hexdigest()[:16]
+    path = user_cache_dir() / "synth" / f"digits-{seed}-{key}.npz"
+    try:
+        with np.load(path) as cached:
+            images, labels = cached["images"][:count], cached["labels"][:count]
+        if images.shape != (count, 28, 28) or labels.shape != (count,):
+            raise ValueError("fewer images than asked for")
+    except (OSError, ValueError, KeyError):  # absent, too small, unreadable or damaged: render them
+        images, labels = synth.mnist_digits(count, seed)
+        buf = io.BytesIO()
+        np.savez(buf, images=images, labels=labels)
+        try:
+            write_bytes(path, buf.getvalue())
+        except OSError:
+            pass
+    x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def add_synthetic(data: Data, train_idx: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, int]:
+    """Mix synthetic handwriting into the training split of MNIST or QMNIST (never into validation or test,
+    nor into other datasets, an ImageFolder of the user's own digits included): `fraction` x as many images
+    as the split holds, appended to data.x_train / y_train. Returns the training indices with the new
+    images and how many were added."""
+    count = round(fraction * len(train_idx))
+    if count <= 0 or data.name not in SYNTHETIC_DATASETS or data.class_names != DIGITS:
+        return train_idx, 0
+    x, y = synthetic_digits(count, seed)
+    start = len(data.x_train)
+    data.x_train, data.y_train = torch.cat([data.x_train, x]), torch.cat([data.y_train, y])
+    return torch.cat([train_idx, torch.arange(start, start + count)]), count
+
+
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded split of the training indices into (train, validation)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
