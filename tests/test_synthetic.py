@@ -108,5 +108,5 @@ def test_the_default_recipe_mixes_them_in(tmp_path, data_root, monkeypatch, caps
     added = round(fraction * 950)  # 5% held out for validation
     assert f"(950 train + {added} synthetic / 50 val / 10,000 test)" in capsys.readouterr().out
     assert load_checkpoint(out)["hparams"]["synthetic"] == fraction
-    trainer.run(trainer.TrainConfig(out=str(out), plots=False, hparams={"epochs": 1}, limit=1000))
+    trainer.run(trainer.TrainConfig(out=str(tmp_path / "limited.pt"), plots=False, hparams={"epochs": 1}, limit=1000))
     assert "(950 train / 50 val / 10,000 test)" in capsys.readouterr().out
