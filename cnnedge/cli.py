@@ -1,5 +1,7 @@
 """The `cnnedge` command line. Thin glue: arguments are checked first, then each command imports its module,
-so `cnnedge predict` never loads torch and a usage error costs what `cnnedge --help` costs."""
+so `cnnedge predict` never loads torch and a usage error costs what `cnnedge --help` costs.
+docs/cli.md is generated from this app (tests/test_cli_docs.py fails when it is stale):
+    uv run typer cnnedge.cli utils docs --name cnnedge --title "cnnedge command line reference" --output docs/cli.md"""
 
 from __future__ import annotations
 
