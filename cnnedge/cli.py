@@ -1,5 +1,7 @@
 """The `cnnedge` command line. Thin glue: arguments are checked first, then each command imports its module,
-so `cnnedge predict` never loads torch and a usage error costs what `cnnedge --help` costs."""
+so `cnnedge predict` never loads torch and a usage error costs what `cnnedge --help` costs.
+docs/cli.md is generated from this app (tests/test_cli_docs.py fails when it is stale):
+    uv run typer cnnedge.cli utils docs --name cnnedge --title "cnnedge command line reference" --output docs/cli.md"""
 
 from __future__ import annotations
 
@@ -283,7 +285,9 @@ def sweep(
     trial_plots: bool = typer.Option(False, "--trial-plots/--no-trial-plots", help="Each trial writes its own training plots too (about 1 s more per trial)."),
     **train_options,
 ) -> None:
-    """Train over a grid or a search of train options: live table, sweep.json/.csv, plots, the best trial.
+    """Train over a grid or a search of train options; tables and plots.
+
+    A live table, sweep.json/.csv, plots and the best trial.
 
     Every train option takes one or more values, repeated or comma-separated (--epochs 1,2,4 --epochs 8),
     and numeric ones ranges: LOW..HIGH[:STEP] (--batch-size 500..10000:500; a grid steps through it) or
@@ -313,7 +317,9 @@ def summary(
     arch: Optional[str] = typer.Option(None, help="Print this architecture's layer table."),
     num_classes: int = typer.Option(10, help="Classes of the head (tables are documented for 10)."),
 ) -> None:
-    """List the model zoo, or check one architecture's real module against its documented table."""
+    """List the model zoo, or check an architecture against its table.
+
+    With --arch: the real module's layers against the architecture's documented table."""
     needs_torch("summary")
     from cnnedge.train.zoo import get_arch, print_summary  # the registry is torch-free
 
@@ -337,7 +343,10 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
-    """Export a checkpoint to ONNX, verified layer by layer and against PyTorch, with embedded metadata."""
+    """Export a checkpoint to verified ONNX with embedded metadata.
+
+    Verified layer by layer and against PyTorch (onnxruntime and OpenCV DNN), with the preprocessing, labels
+    and accuracy embedded as metadata; --quantize adds fp16 and int8 variants."""
     needs_torch("export")
     from cnnedge.train.options import ExportConfig, check_export  # torch-free: refusals before torch's start-up
 
@@ -360,7 +369,9 @@ def inspect(
     layer: Optional[str] = typer.Option(None, help="Conv layer to show [default: the first]."),
     out: Optional[Path] = typer.Option(None, help="Folder for the PNGs [default: <checkpoint stem>_inspect beside it]."),
 ) -> None:
-    """Filters of a conv layer as a PNG grid, and what they do to an image (cv2.filter2D vs the network)."""
+    """Draw a conv layer's filters and what they do to an image (PNGs).
+
+    The filters as a PNG grid, and with --image their outputs, cv2.filter2D against the network's own."""
     needs_torch("inspect")
     from cnnedge.train.checkpoint import check_checkpoint_file  # torch-free: refusals before torch's start-up
 
@@ -393,7 +404,9 @@ def pixels(
     model: Optional[Path] = typer.Option(None, help=f"ONNX model whose preprocessing and prediction to show {SHIPPED_MODEL}."),
     cell: int = typer.Option(34, min=16, max=96, help="Picture pixels per input pixel."),
 ) -> None:
-    """The network input of an image as a large grid, each pixel's value written in it (no PyTorch)."""
+    """Draw an image's network input, each pixel's value written in it.
+
+    A large grid of the 28x28 input the model's preprocessing makes (no PyTorch)."""
     from cnnedge.infer.pixels import run as run_pixels
     from cnnedge.report import console
 
@@ -420,15 +433,21 @@ def predict(
     runtime: Optional[Runtime] = typer.Option(None, help=RUNTIME_HELP),
     threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime (or OpenCV) threads that run the network [default: the cores other processes leave free, or OMP_NUM_THREADS when set]."),
     grid: Optional[Path] = typer.Option(None, help="Also draw the 28x28 network inputs with their predictions into this PNG, red where a class folder says a prediction is wrong (the first 400 images)."),
+    summary_only: bool = typer.Option(False, "--summary", help="No line per image: the table format prints the accuracy tables and the summary line, json leaves out \"results\" (not with csv)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="The table format prints the summary line alone; no progress bar or \"wrote\" notes on stderr (json and csv are unchanged). Warnings and errors still print."),
 ) -> None:
-    """Classify images with onnxruntime or OpenCV DNN (no PyTorch): a table, JSON or CSV, and accuracy for class folders."""
+    """Classify images (no PyTorch): a table, JSON or CSV, and accuracy.
+
+    onnxruntime or OpenCV DNN; inputs in class folders (samples/3/x.png) get accuracy and a confusion matrix."""
+    if summary_only and output_format == "csv":
+        raise CnnedgeError("--summary: csv has one row per image and no summary; use --format table or json")
     from cnnedge.infer.predict import run as run_predict
 
     code = run_predict(inputs, model=str(model) if model else None, provider=provider, recursive=recursive,
                        batch_size=batch_size, topk=topk, fmt=output_format,
                        save_crops=str(save_crops) if save_crops else None, workers=workers,
                        gallery=str(gallery) if gallery else None, metric=metric, runtime=runtime,
-                       grid=str(grid) if grid else None, threads=threads)
+                       grid=str(grid) if grid else None, threads=threads, summary_only=summary_only, quiet=quiet)
     if code:
         raise typer.Exit(code)
 
@@ -446,7 +465,9 @@ def enroll(
     workers: Optional[int] = typer.Option(None, min=1, help="Threads that decode and preprocess [default: CPU count, at most 8]."),
     runtime: Optional[Runtime] = typer.Option(None, help=RUNTIME_HELP),
 ) -> None:
-    """Add new classes without training (no PyTorch): store the images' embeddings and class prototypes."""
+    """Add new classes without training (no PyTorch): a gallery file.
+
+    The gallery stores the images' embeddings and class prototypes, for predict and serve --gallery."""
     from cnnedge.infer.enroll import run as run_enroll
 
     code = run_enroll(folder, out, model=str(model) if model else None, provider=provider, batch_size=batch_size,
@@ -473,7 +494,9 @@ def webcam(
     work_size: int = typer.Option(128, min=28, help="Analyse the ROI at most this many pixels on its long side (raise it for small digits with --roi full)."),
     runtime: Optional[Runtime] = typer.Option(None, help=RUNTIME_HELP),
 ) -> None:
-    """Live digit recognition on a camera, video file or stream: overlay window, terminal panel or JSON lines."""
+    """Recognise digits live on a camera, video file or stream.
+
+    An overlay window, a terminal panel or JSON lines (no PyTorch)."""
     from cnnedge.infer.webcam import run as run_webcam
 
     code = run_webcam(source, model=str(model) if model else None, provider=provider, roi=roi, smooth=smooth,
@@ -491,7 +514,9 @@ def info(
     model: Optional[Path] = typer.Argument(None, help=f"An ONNX model from `cnnedge export` {SHIPPED_MODEL}."),
     output_format: InfoFormat = typer.Option("table", "--format", help="Output; json goes to stdout."),
 ) -> None:
-    """What a deployed model is, from its metadata: classes, input, preprocessing, precision, accuracy, sha256."""
+    """Show what a model is, from its metadata (no PyTorch).
+
+    Classes, input, preprocessing, precision, accuracy and sha256 of an exported model."""
     from cnnedge.infer.info import run as run_info
 
     run_info(str(model) if model else None, output_format)
@@ -516,7 +541,9 @@ def serve(
     threads: Optional[int] = typer.Option(None, min=1, help="Preprocessing and onnxruntime threads per worker [default: CPU count / workers]."),
     runtime: Optional[Runtime] = typer.Option(None, help=RUNTIME_HELP),
 ) -> None:
-    """HTTP inference (no PyTorch): a JSON API with dynamic batching, /metrics, and a draw-a-digit page."""
+    """Serve a model over HTTP (no PyTorch), with a draw-a-digit page.
+
+    A JSON API with dynamic batching, /metrics, and a page to draw digits on."""
     from cnnedge.infer.serve import ServeConfig, parse_galleries, parse_size
 
     config = ServeConfig(model=str(model) if model else None, host=host, port=port, workers=workers,
@@ -550,7 +577,9 @@ def bench(
     data_dir: Optional[Path] = typer.Option(None, help="Dataset root with the test set [default: $CNNEDGE_DATA, else ~/.cache/cnnedge]."),
     output_format: BenchFormat = typer.Option("table", "--format", help="Output (to stdout)."),
 ) -> None:
-    """Latency, throughput, accuracy and size of PyTorch eager vs onnxruntime and OpenCV DNN fp32/fp16/int8, preprocessing and end to end."""
+    """Measure latency, throughput, accuracy and size of each runtime.
+
+    PyTorch eager vs onnxruntime and OpenCV DNN, fp32/fp16/int8; preprocessing and end to end too."""
     from cnnedge.bench import BenchConfig, main as run_bench, parse_batch_sizes, parse_providers, parse_runtimes
 
     config = BenchConfig(model=str(model) if model else None, checkpoint=str(checkpoint) if checkpoint else None,

@@ -69,11 +69,23 @@ def _bar(p: float, width: int = 10) -> str:
 
 
 def render_table(predictions: list[Prediction], summary: Summary, model: str, provider: str, k: int,
-                 runtime: str = "onnxruntime") -> None:
+                 runtime: str = "onnxruntime", detail: str = "all") -> None:
+    """`detail`: all (the per-image table, then the accuracy tables and the summary line), summary (no
+    per-image table: what a big folder needs) or line (the summary line alone: --quiet)."""
+    if detail == "all":
+        _image_table(predictions, model, provider, k, runtime)
+    if detail != "line" and summary.report:
+        _accuracy_tables(summary.report)
+    from cnnedge.report import console
+
+    console.print(summary_line(summary, runtime, provider), markup=False)
+
+
+def _image_table(predictions: list[Prediction], model: str, provider: str, k: int, runtime: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from cnnedge.report import confusion_table, console, per_class_table
+    from cnnedge.report import console
 
     show_truth = any(p.truth is not None for p in predictions)
     metric = next((p.metric for p in predictions if p.metric), None)  # a gallery: distances, not probabilities
@@ -98,28 +110,39 @@ def render_table(predictions: list[Prediction], summary: Summary, model: str, pr
         table.add_row(*cells)
     if table.row_count:
         console.print(table)
-    if summary.report:
-        names = summary.report["class_names"]
-        cm = np.asarray(summary.report["confusion_matrix"])
-        present = [i for i in range(len(names)) if cm[i].sum() or cm[:, i].sum()]
-        sub = cm[np.ix_(present, present)]
-        sub_names = [names[i] for i in present]
-        console.print(per_class_table(sub, sub_names))
-        console.print(confusion_table(sub, sub_names))
+
+
+def _accuracy_tables(report: dict) -> None:
+    """Per-class accuracy and the confusion matrix, over the classes that occur."""
+    from cnnedge.report import confusion_table, console, per_class_table
+
+    names = report["class_names"]
+    cm = np.asarray(report["confusion_matrix"])
+    present = [i for i in range(len(names)) if cm[i].sum() or cm[:, i].sum()]
+    sub = cm[np.ix_(present, present)]
+    sub_names = [names[i] for i in present]
+    console.print(per_class_table(sub, sub_names))
+    console.print(confusion_table(sub, sub_names))
+
+
+def summary_line(summary: Summary, runtime: str, provider: str) -> str:
     line = (f"{summary.images} images, {summary.errors} errors, {summary.images_per_second:,.0f} images/s "
             f"({summary.seconds:.2f} s), runtime {runtime}, provider {provider}")
     if summary.report:
         correct = int(round(summary.report["accuracy"] * summary.report["labelled"]))
         line += f", accuracy {100 * summary.report['accuracy']:.2f}% ({correct}/{summary.report['labelled']} in class folders)"
-    console.print(line, markup=False)
+    return line
 
 
-def render_json(predictions: list[Prediction], summary: Summary, header: dict) -> str:
+def render_json(predictions: list[Prediction], summary: Summary, header: dict, results: bool = True) -> str:
     """`header`: Predictor.header() (model, runtime, provider, gallery), as `cnnedge serve` answers too.
+    `results=False` (--summary): the header and the summary, without one entry per image.
     Strict JSON (no NaN or Infinity, which a strict parser rejects)."""
     from cnnedge.report import to_json
 
-    return to_json({**header, "results": [p.to_dict() for p in predictions], "summary": summary.to_dict()})
+    doc = {**header, **({"results": [p.to_dict() for p in predictions]} if results else {}),
+           "summary": summary.to_dict()}
+    return to_json(doc)
 
 
 def render_csv(predictions: list[Prediction]) -> str:
@@ -151,8 +174,13 @@ def grid_picture(predictions: list[Prediction], title: str):
 def run(inputs: list[str], model: str | None = None, provider: str = "auto", recursive: bool = False,
         batch_size: int = 256, topk: int = 3, fmt: str = "table", save_crops: str | None = None,
         workers: int | None = None, gallery: str | None = None, metric: str | None = None,
-        runtime: str | None = None, grid: str | None = None, threads: int | None = None) -> int:
-    """The `cnnedge predict` command; returns the exit code (0 all fine, 1 some inputs failed)."""
+        runtime: str | None = None, grid: str | None = None, threads: int | None = None,
+        summary_only: bool = False, quiet: bool = False) -> int:
+    """The `cnnedge predict` command; returns the exit code (0 all fine, 1 some inputs failed).
+    `summary_only` (--summary): no line per image (the table's rows, JSON's results; the CLI refuses it with
+    csv, which has nothing else).
+    `quiet` (--quiet): the table format prints the summary line alone; every format drops the progress bar
+    and the "wrote" notes from stderr. Warnings and errors are printed either way."""
     from cnnedge.report import err_console, warn
 
     if not inputs:
@@ -176,7 +204,7 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
     predictions: list[Prediction] = []
     drawn = 0
     start = time.perf_counter()
-    with predictor, quiet_native_stderr(), _progress(len(paths), err_console) as advance:
+    with predictor, quiet_native_stderr(), _progress(0 if quiet else len(paths), err_console) as advance:
         for p in predictor.predict_iter(paths, save_crops=save_crops, on_batch=advance):
             if p.error is not None:
                 warn(f"{printable(p.path)}: {p.error}; skipped")
@@ -189,18 +217,20 @@ def run(inputs: list[str], model: str | None = None, provider: str = "auto", rec
     summary = summarise(predictions, predictor.class_names, seconds)
     model = shown_path(predictor.model)
     if grid is not None:
-        _write_grid(predictions, grid, model)
+        _write_grid(predictions, grid, model, quiet)
     if fmt == "table":
         title = model if gallery is None else f"{model} + {shown_path(gallery)}"
-        render_table(predictions, summary, title, predictor.provider, topk, predictor.runtime.name)
+        render_table(predictions, summary, title, predictor.provider, topk, predictor.runtime.name,
+                     detail="line" if quiet else "summary" if summary_only else "all")
     else:
-        text = render_json(predictions, summary, predictor.header()) if fmt == "json" else render_csv(predictions)
+        text = (render_json(predictions, summary, predictor.header(), results=not summary_only) if fmt == "json"
+                else render_csv(predictions))
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
     return int(ExitCode.PARTIAL) if summary.errors or problems else int(ExitCode.OK)
 
 
-def _write_grid(predictions: list[Prediction], grid: str, model: str) -> None:
+def _write_grid(predictions: list[Prediction], grid: str, model: str, quiet: bool = False) -> None:
     from cnnedge.infer.grid import write_png
     from cnnedge.report import err_console, warn
 
@@ -218,7 +248,8 @@ def _write_grid(predictions: list[Prediction], grid: str, model: str) -> None:
     write_png(grid, picture)
     if len(ran) > GRID_MAX:
         warn(f"--grid {grid}: shows the first {GRID_MAX} of {len(ran)} classified images")
-    err_console.print(f"wrote {grid}", markup=False, soft_wrap=True)
+    if not quiet:
+        err_console.print(f"wrote {grid}", markup=False, soft_wrap=True)
 
 
 class _progress:
