@@ -93,6 +93,8 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subproc
 
     out, err = io.StringIO(), io.StringIO()
     saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
+    torch = sys.modules.get("torch")  # train and export set torch's thread count; the next test gets it back
+    saved_threads = torch.get_num_threads() if torch is not None else None
     sys.argv = ["cnnedge", *map(str, args)]
     os.environ.update({k: v for k, v in (env or {}).items()})
     os.chdir(cwd or ROOT)
@@ -108,7 +110,23 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subproc
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
+        if saved_threads is not None:
+            torch.set_num_threads(saved_threads)
     return subprocess.CompletedProcess(["cnnedge", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+# A short real training run: enough for every claim about what `cnnedge train` writes and reproduces.
+# One thread: the results depend on the thread count. The ≥98% claim of a full epoch is a slow test.
+SMALL_TRAIN = ("--limit", "2000", "--epochs", "2", "--threads", "1", "--seed", "1")
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedProcess]:
+    """`cnnedge train SMALL_TRAIN` once per session, in this process, with its plots: (checkpoint, result)."""
+    out = tmp_path_factory.mktemp("small-model") / "small.pt"
+    result = cli("train", *SMALL_TRAIN, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out, result
 
 
 def run_torch_free(*commands: list[str]) -> subprocess.CompletedProcess:
