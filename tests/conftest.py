@@ -129,6 +129,46 @@ def small_model(tmp_path_factory, data_root) -> tuple[Path, subprocess.Completed
     return out, result
 
 
+# `python -m cnnedge ARGS` whose N-th epoch of training (counted across a sweep's trials) prints "epoch N
+# started" and waits there (until the file GO exists, if one is named), so a signal the test sends on that
+# line lands in that epoch however slowly a busy machine runs: never a sleep that might be too short or long.
+_PAUSED = """
+import os, sys, time
+import cnnedge.train.trainer as trainer
+from cnnedge.cli import main
+
+pause_at, go, train_epoch, calls = int(sys.argv[1]), sys.argv[2], trainer.train_epoch, []
+
+def announced(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == pause_at:
+        print(f"epoch {pause_at} started", flush=True)
+        end = time.monotonic() + 600
+        while time.monotonic() < end and not (go and os.path.exists(go)):
+            time.sleep(0.01)
+    return train_epoch(*args, **kwargs)
+
+trainer.train_epoch = announced
+sys.argv = ["cnnedge", *sys.argv[3:]]
+main()
+"""
+
+
+def start_paused_at_epoch(epoch: int, *args: str, env: dict | None = None,
+                          go: Path | None = None) -> tuple[subprocess.Popen, list[str]]:
+    """Start `cnnedge ARGS` (see _PAUSED) and read its stdout up to "epoch N started": (process, lines read).
+    It waits there for a signal, or until the file `go` exists."""
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED, str(epoch), str(go or ""), *map(str, args)], cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"epoch {epoch} started"):
+            return proc, lines
+    proc.wait()
+    pytest.fail(f"cnnedge ended (exit {proc.returncode}) before epoch {epoch}: {proc.stderr.read()[-2000:]}")
+
+
 def run_torch_free(*commands: list[str]) -> subprocess.CompletedProcess:
     """Run cnnedge commands in one fresh interpreter, as the CLI would, and fail unless every command
     succeeded without importing torch or torchvision (an edge device has neither)."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -14,31 +12,9 @@ import torch
 
 from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
 from cnnedge.train.data import load_data
-from conftest import ROOT, SMALL_TRAIN, assert_one_line_error, cli, run_cli
+from conftest import SMALL_TRAIN, assert_one_line_error, cli, run_cli, start_paused_at_epoch
 
 NO_PLOTS = (*SMALL_TRAIN, "--no-plots")
-
-# `python -m cnnedge` whose epoch 2 says it has started and then waits for the signal, so Ctrl-C lands in the
-# epoch in progress however slowly a busy machine runs (never after a sleep that might be too short or long).
-INTERRUPTIBLE = """
-import sys, time
-import cnnedge.train.trainer as trainer
-from cnnedge.cli import main
-
-train_epoch, calls = trainer.train_epoch, []
-
-def announced(*args, **kwargs):
-    calls.append(None)
-    if len(calls) == 2:
-        print("epoch 2 started", flush=True)
-        time.sleep(600)
-    return train_epoch(*args, **kwargs)
-
-trainer.train_epoch = announced
-sys.argv = ["cnnedge", *sys.argv[1:]]
-main()
-"""
-
 
 def _metrics(out) -> dict:
     return json.loads(out.with_name(out.stem + ".metrics.json").read_text())
@@ -97,13 +73,7 @@ def test_same_seed_same_metrics(small_model, tmp_path):
 
 def test_interrupt_keeps_last_epoch_and_resume_matches_uninterrupted_run(small_model, tmp_path):
     out = tmp_path / "resumed.pt"
-    cmd = [sys.executable, "-c", INTERRUPTIBLE, "train", *NO_PLOTS, "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("epoch 2 started"):
-            break
+    proc, lines = start_paused_at_epoch(2, "train", *NO_PLOTS, "--out", out)  # paused at epoch 2's start
     assert any(line.startswith("epoch 1/2") for line in lines), lines
     proc.send_signal(signal.SIGINT)  # a real Ctrl-C from outside, in epoch 2
     _, stderr = proc.communicate(timeout=120)
