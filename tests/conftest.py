@@ -62,13 +62,14 @@ class Export(NamedTuple):
 @pytest.fixture(scope="session")
 def fresh_export(tmp_path_factory, data_root) -> Export:
     """models/cnn.pt exported once per session with both variants by this tree's exporter, as a user would
-    (`cnnedge export models/cnn.pt --quantize fp16 --quantize int8`, in this process). The shipped export/
+    (`cnnedge export models/cnn.pt --quantize fp16 --quantize int8 --threads 1`, in this process). The shipped export/
     files are only re-exported at a release, so tests of what the exporter writes use this."""
     from cnnedge import cli
 
     out = tmp_path_factory.mktemp("fresh-export") / "cnn.onnx"
     stdout, stderr = io.StringIO(), io.StringIO()
-    argv = ["cnnedge", "export", str(ROOT / "models" / "cnn.pt"), "--out", str(out), "--quantize", "fp16", "--quantize", "int8"]
+    argv = ["cnnedge", "export", str(ROOT / "models" / "cnn.pt"), "--out", str(out), "--quantize", "fp16", "--quantize", "int8",
+            "--threads", "1"]  # one thread: its parity figures are reproducible (test_export)
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         mp.setattr(sys, "argv", argv)
         with pytest.raises(SystemExit) as exit_:
