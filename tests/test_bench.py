@@ -115,23 +115,36 @@ def test_each_row_ran_the_runtime_it_names(doc, data_root, fresh_export):
     assert t["accuracy"] == pytest.approx(torch_accuracy(checkpoint, x, labels), abs=1e-12)
 
 
-def test_ratios_are_computed_from_the_measured_numbers(doc):
+def test_ratios_follow_the_measured_latencies():
+    """Rows from known timings (p50 latencies of 4, 1, 0.5 and 2 ms at batch 8; 1 ms at batch 1), ratios
+    worked out by hand: each against the right row (same batch: torch; same runtime: fp32; same precision:
+    onnxruntime), the p50 not the p99, 2 FLOPs per MAC."""
+    def engine(runtime, precision):
+        return bench.Engine(runtime, "cpu", precision, f"{precision}.onnx", 1, "v", None, lambda x: x)
+
+    def row(runtime, precision, batch, ms):
+        times = np.array([ms, ms, ms, 10 * ms]) / 1e3  # one slow call: the p99, never the rate
+        return bench.make_row(engine(runtime, precision), batch, times)
+
+    rows = [row("torch", "fp32", 8, 4.0), row("onnxruntime", "fp32", 8, 1.0), row("onnxruntime", "int8", 8, 0.5),
+            row("opencv", "int8", 8, 2.0), row("torch", "fp32", 1, 1.0), row("onnxruntime", "fp32", 1, 1.0)]
+    bench.add_ratios(rows, macs=1_000_000)
+    torch8, ort8, int8, cv8, torch1, ort1 = rows
+    assert [r["images_per_second"] for r in rows] == pytest.approx([2000, 8000, 16000, 4000, 1000, 1000])
+    assert [r["speedup_vs_torch"] for r in rows] == pytest.approx([1, 4, 8, 2, 1, 1])
+    assert int8["speedup_vs_fp32"] == pytest.approx(2) and ort8["speedup_vs_fp32"] == pytest.approx(1)
+    assert torch8["speedup_vs_fp32"] is None and cv8["speedup_vs_fp32"] is None  # no OpenCV fp32 row here
+    assert cv8["speedup_vs_onnxruntime"] == pytest.approx(0.25) and ort8["speedup_vs_onnxruntime"] is None
+    assert [r["gflops"] for r in rows] == pytest.approx([4, 16, 32, 8, 2, 2])  # 2 x 1e6 MACs x images/s
+    assert int8["latency_ms_p50"] == pytest.approx(0.5) and int8["latency_ms_p99"] > 4
+
+
+def test_the_run_fills_every_ratio_and_fraction(doc):
     rows = doc["rows"]
-    macs = doc["model"]["macs_per_image"]
     for r in rows:
-        assert r["images_per_second"] == pytest.approx(r["batch"] / (r["latency_ms_p50"] / 1e3), rel=1e-9)
-        torch_row = find(rows, "torch", "fp32", r["batch"])
-        assert r["speedup_vs_torch"] == pytest.approx(r["images_per_second"] / torch_row["images_per_second"], rel=1e-12)
-        if r["runtime"] != "torch":
-            fp32 = find(rows, r["runtime"], "fp32", r["batch"])
-            assert r["speedup_vs_fp32"] == pytest.approx(r["images_per_second"] / fp32["images_per_second"], rel=1e-12)
-        if r["runtime"] == "opencv":
-            ort_row = find(rows, "onnxruntime", r["precision"], r["batch"])
-            assert r["speedup_vs_onnxruntime"] == pytest.approx(r["images_per_second"] / ort_row["images_per_second"], rel=1e-12)
-        else:
-            assert r["speedup_vs_onnxruntime"] is None
-        assert r["gflops"] == pytest.approx(2 * macs * r["images_per_second"] / 1e9, rel=1e-12)
-        assert r["peak_fraction"] == pytest.approx(r["gflops"] / doc["peak_gflops"]["cpu"], rel=1e-12)
+        assert r["speedup_vs_torch"] > 0 and r["gflops"] > 0 and 0 < r["peak_fraction"]
+        assert (r["speedup_vs_fp32"] is None) == (r["runtime"] == "torch")
+        assert (r["speedup_vs_onnxruntime"] is None) == (r["runtime"] != "opencv")
     assert find(rows, "torch", "fp32", 8)["speedup_vs_torch"] == 1.0
     assert doc["peak_gflops"]["cpu"] > 1
 
