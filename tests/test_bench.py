@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import MODEL, ROOT, assert_one_line_error, run_cli
+from conftest import MODEL, ROOT, assert_one_line_error, cli
 from cnnedge import bench
 from cnnedge.infer.files import read_idx
 from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -48,7 +48,7 @@ def torch_accuracy(checkpoint: dict, x, y) -> float:
 
 
 def bench_json(*args: str, env: dict | None = None) -> tuple[dict, str]:
-    r = run_cli("bench", "--format", "json", *QUICK, *args, env=env)
+    r = cli("bench", "--format", "json", *QUICK, *args, env=env)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout), r.stderr
 
@@ -210,7 +210,7 @@ def test_a_changed_checkpoint_or_int8_file_changes_only_its_own_rows(data_root, 
 def test_variant_rows_are_named_after_the_file_metadata(tmp_path):
     shutil.copy(MODEL, tmp_path / "cnn.onnx")
     shutil.copy(MODEL.with_name("cnn.fp16.onnx"), tmp_path / "cnn.int8.onnx")  # a mislabelled file
-    r = run_cli("bench", "--format", "json", *QUICK, "--model", tmp_path / "cnn.onnx", "--batch-sizes", "1",
+    r = cli("bench", "--format", "json", *QUICK, "--model", tmp_path / "cnn.onnx", "--batch-sizes", "1",
                 "--images", "0", "--photos", "0", "--test-images", "100", "--providers", "cpu", "--runtimes", "onnxruntime",
                 env={"CNNEDGE_DATA": str(tmp_path)})  # no test set here: accuracy is null
     assert r.returncode == 0, r.stderr
@@ -274,12 +274,12 @@ def test_runtimes_option_selects_the_rows(fresh_export, data_root):
 
 def test_table_and_markdown_state_threads_and_summary(data_root):
     args = (*QUICK, "--batch-sizes", "1,4", "--images", "0", "--photos", "0", "--test-images", "200", "--providers", "cpu")
-    table = run_cli("bench", *args)
+    table = cli("bench", *args)
     assert table.returncode == 0, table.stderr
     assert "threads: onnxruntime" in table.stdout and "intra-op" in table.stdout and "torch" in table.stdout
     assert "cpu: onnxruntime fp32 vs PyTorch eager:" in table.stdout and "int8 vs fp32" in table.stdout
     assert "GFLOP/s" in table.stdout and "Traceback" not in table.stderr
-    md = run_cli("bench", "--format", "markdown", *args)
+    md = cli("bench", "--format", "markdown", *args)
     assert md.returncode == 0, md.stderr
     assert "| runtime | provider | precision | batch |" in md.stdout and md.stdout.count("| onnxruntime | cpu |") == 6
 
@@ -295,7 +295,7 @@ def _cuda_driver() -> bool:
 @pytest.mark.skipif(_cuda_driver(), reason="this machine has a CUDA driver")
 def test_cuda_without_a_gpu():
     """Only cuda asked for: one line and exit 2. cpu and cuda: the cpu rows, and a note for cuda."""
-    r = run_cli("bench", "--providers", "cuda", *QUICK)
+    r = cli("bench", "--providers", "cuda", *QUICK)
     assert_one_line_error(r, 2, "no requested provider can run the model", "cuda")
     doc, stderr = bench_json("--providers", "cpu,cuda", "--batch-sizes", "1", "--images", "0", "--photos", "0",
                              "--test-images", "100", "--checkpoint", str(CHECKPOINT))
@@ -304,14 +304,14 @@ def test_cuda_without_a_gpu():
 
 
 def test_usage_errors_are_one_line_with_exit_2(tmp_path):
-    assert_one_line_error(run_cli("bench", "--model", tmp_path / "missing.onnx"), 2, "missing.onnx", "no such model file")
-    assert_one_line_error(run_cli("bench", "--checkpoint", tmp_path / "missing.pt"), 2, "missing.pt")
-    assert_one_line_error(run_cli("bench", "--batch-sizes", "1,0"), 2, "--batch-sizes", "'0'")
-    assert_one_line_error(run_cli("bench", "--providers", "gpu"), 2, "unknown provider 'gpu'")
-    assert_one_line_error(run_cli("bench", "--format", "xml"), 2, "'xml' is not one of")
-    assert_one_line_error(run_cli("bench", "--repeat", "0"), 2, "--repeat")
+    assert_one_line_error(cli("bench", "--model", tmp_path / "missing.onnx"), 2, "missing.onnx", "no such model file")
+    assert_one_line_error(cli("bench", "--checkpoint", tmp_path / "missing.pt"), 2, "missing.pt")
+    assert_one_line_error(cli("bench", "--batch-sizes", "1,0"), 2, "--batch-sizes", "'0'")
+    assert_one_line_error(cli("bench", "--providers", "gpu"), 2, "unknown provider 'gpu'")
+    assert_one_line_error(cli("bench", "--format", "xml"), 2, "'xml' is not one of")
+    assert_one_line_error(cli("bench", "--repeat", "0"), 2, "--repeat")
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
-    assert_one_line_error(run_cli("bench", "--model", tmp_path / "broken.onnx"), 2, "broken.onnx", "not a loadable ONNX model")
+    assert_one_line_error(cli("bench", "--model", tmp_path / "broken.onnx"), 2, "broken.onnx", "not a loadable ONNX model")
 
 
 def test_idx_reader_refuses_truncated_files(tmp_path, data_root):
