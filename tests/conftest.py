@@ -62,13 +62,14 @@ class Export(NamedTuple):
 @pytest.fixture(scope="session")
 def fresh_export(tmp_path_factory, data_root) -> Export:
     """models/cnn.pt exported once per session with both variants by this tree's exporter, as a user would
-    (`cnnedge export models/cnn.pt --quantize fp16 --quantize int8`, in this process). The shipped export/
+    (`cnnedge export models/cnn.pt --quantize fp16 --quantize int8 --threads 1`, in this process). The shipped export/
     files are only re-exported at a release, so tests of what the exporter writes use this."""
     from cnnedge import cli
 
     out = tmp_path_factory.mktemp("fresh-export") / "cnn.onnx"
     stdout, stderr = io.StringIO(), io.StringIO()
-    argv = ["cnnedge", "export", str(ROOT / "models" / "cnn.pt"), "--out", str(out), "--quantize", "fp16", "--quantize", "int8"]
+    argv = ["cnnedge", "export", str(ROOT / "models" / "cnn.pt"), "--out", str(out), "--quantize", "fp16", "--quantize", "int8",
+            "--threads", "1"]  # one thread: its parity figures are reproducible (test_export)
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         mp.setattr(sys, "argv", argv)
         with pytest.raises(SystemExit) as exit_:
@@ -93,6 +94,8 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subproc
 
     out, err = io.StringIO(), io.StringIO()
     saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
+    torch = sys.modules.get("torch")  # train and export set torch's thread count; the next test gets it back
+    saved_threads = torch.get_num_threads() if torch is not None else None
     sys.argv = ["cnnedge", *map(str, args)]
     os.environ.update({k: v for k, v in (env or {}).items()})
     os.chdir(cwd or ROOT)
@@ -108,7 +111,63 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subproc
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
+        if saved_threads is not None:
+            torch.set_num_threads(saved_threads)
     return subprocess.CompletedProcess(["cnnedge", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+# A short real training run: enough for every claim about what `cnnedge train` writes and reproduces.
+# One thread: the results depend on the thread count. The ≥98% claim of a full epoch is a slow test.
+SMALL_TRAIN = ("--limit", "2000", "--epochs", "2", "--threads", "1", "--seed", "1")
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedProcess]:
+    """`cnnedge train SMALL_TRAIN` once per session, in this process, with its plots: (checkpoint, result)."""
+    out = tmp_path_factory.mktemp("small-model") / "small.pt"
+    result = cli("train", *SMALL_TRAIN, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+# `python -m cnnedge ARGS` whose N-th epoch of training (counted across a sweep's trials) prints "epoch N
+# started" and waits there (until the file GO exists, if one is named), so a signal the test sends on that
+# line lands in that epoch however slowly a busy machine runs: never a sleep that might be too short or long.
+_PAUSED = """
+import os, sys, time
+import cnnedge.train.trainer as trainer
+from cnnedge.cli import main
+
+pause_at, go, train_epoch, calls = int(sys.argv[1]), sys.argv[2], trainer.train_epoch, []
+
+def announced(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == pause_at:
+        print(f"epoch {pause_at} started", flush=True)
+        end = time.monotonic() + 600
+        while time.monotonic() < end and not (go and os.path.exists(go)):
+            time.sleep(0.01)
+    return train_epoch(*args, **kwargs)
+
+trainer.train_epoch = announced
+sys.argv = ["cnnedge", *sys.argv[3:]]
+main()
+"""
+
+
+def start_paused_at_epoch(epoch: int, *args: str, env: dict | None = None,
+                          go: Path | None = None) -> tuple[subprocess.Popen, list[str]]:
+    """Start `cnnedge ARGS` (see _PAUSED) and read its stdout up to "epoch N started": (process, lines read).
+    It waits there for a signal, or until the file `go` exists."""
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED, str(epoch), str(go or ""), *map(str, args)], cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"epoch {epoch} started"):
+            return proc, lines
+    proc.wait()
+    pytest.fail(f"cnnedge ended (exit {proc.returncode}) before epoch {epoch}: {proc.stderr.read()[-2000:]}")
 
 
 def run_torch_free(*commands: list[str]) -> subprocess.CompletedProcess:

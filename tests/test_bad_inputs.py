@@ -338,7 +338,7 @@ def test_export_refuses_a_truncated_checkpoint_and_writes_nothing(tmp_path):
     truncated = tmp_path / "truncated.pt"
     data = (ROOT / "models" / "cnn.pt").read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    assert_one_line_error(run_cli("export", truncated, "--out", tmp_path / "truncated.onnx"), 2, "truncated.pt")
+    assert_one_line_error(cli("export", truncated, "--out", tmp_path / "truncated.onnx"), 2, "truncated.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["truncated.pt"]
 
 
@@ -435,7 +435,7 @@ def test_train_on_an_imagefolder_without_a_readable_image_is_an_error(corpus, tm
     empty = tmp_path / "empty"
     (empty / "a").mkdir(parents=True)
     (empty / "b").mkdir()
-    assert_one_line_error(run_cli("train", "--dataset", f"imagefolder:{empty}", "--out", tmp_path / "e.pt"), 2,
+    assert_one_line_error(cli("train", "--dataset", f"imagefolder:{empty}", "--out", tmp_path / "e.pt"), 2,
                           "no readable images")
     empty.chmod(0)
     try:

@@ -1,12 +1,15 @@
-"""Crash safety: SIGKILL at random moments never leaves a half-written file, and `--resume` picks up the
-last completed epoch; SIGTERM abandons the epoch in progress, keeps the last checkpoint and says so."""
+"""Crash safety: SIGKILL never leaves a half-written file, and `--resume` picks up the last completed epoch;
+SIGTERM abandons the epoch in progress, keeps the last checkpoint and says so.
+
+Each kill lands at a moment the child itself announces (a line it prints where it stops, or a line it
+prints anyway), never after a sleep: a busy machine moves the moment, not the outcome. The long loops of
+kills are `slow` tests."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -21,7 +24,7 @@ from cnnedge.errors import CnnedgeError
 from cnnedge.train.checkpoint import load_checkpoint
 from cnnedge.infer.modelinfo import ModelInfo
 from cnnedge.infer.runtime import Runtime
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, cli
 
 EPOCHS = 60
 # The Greek letters (54 real photos): epochs of a fraction of a second, so a run is mostly checkpoint writes
@@ -33,6 +36,38 @@ ENV = {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # one thread: small batches, a
 def start(*args: str) -> subprocess.Popen:
     """`python -m cnnedge ARGS` in the background, stdout line by line."""
     return subprocess.Popen([sys.executable, "-m", "cnnedge", *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ENV})
+
+
+# `python -m cnnedge ARGS` that stops, and says so, just before it publishes NAME for the COUNT-th time: its
+# temp file is complete and synced, the rename not yet done (every checkpoint and export goes through publish).
+STOPPING = """
+import os, sys, time
+from cnnedge import atomic
+import cnnedge.train.export as export
+from cnnedge.cli import main
+
+name, count = sys.argv[1], int(sys.argv[2])
+publish, seen = atomic.publish, []
+
+
+def stopping(tmp, path, *args, **kwargs):
+    if os.path.basename(path) == name:
+        seen.append(path)
+        if len(seen) == count:
+            print(f"publishing {name}", flush=True)
+            time.sleep(600)
+    return publish(tmp, path, *args, **kwargs)
+
+
+atomic.publish = export.publish = stopping
+sys.argv = ["cnnedge", *sys.argv[3:]]
+main()
+"""
+
+
+def start_stopping(name: str, count: int, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", STOPPING, name, str(count), *map(str, args)], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ENV})
 
 
@@ -56,51 +91,51 @@ def temp_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name)
 
 
-def wait_for_a_write(proc: subprocess.Popen, folder: Path, timeout: float = 10) -> None:
-    """Return as soon as `proc` has a temp file open in `folder` (its name carries the writer's pid)."""
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        if any(f".{proc.pid}." in name for name in temp_files(folder)):
-            return
-        time.sleep(0.0002)
-
-
 # ------------------------------------------------------------------------------------------- atomic
 
 
 WRITER = """
-import sys
-from cnnedge.atomic import write_bytes
-target, size = sys.argv[1], int(sys.argv[2])
-write_bytes(target, b"a" * size)
-print("ready", flush=True)
-i = 0
-while True:
-    i += 1
-    write_bytes(target, (b"a" if i % 2 == 0 else b"b") * size)
+import os, sys, time
+from cnnedge import atomic
+target, size, moment = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+atomic.write_bytes(target, b"a" * size)  # the old version
+
+
+def stop(*args):  # say where this writer is, then wait there for the SIGKILL
+    print(moment, flush=True)
+    time.sleep(600)
+
+
+if moment == "half written":
+    with atomic.atomic_write(target) as f:
+        f.write(b"b" * (size // 2))
+        f.flush()
+        stop()
+elif moment == "written, not renamed":
+    os.replace = stop
+    atomic.write_bytes(target, b"b" * size)
+elif moment == "renamed, folder not synced":
+    atomic._fsync_dir = stop
+    atomic.write_bytes(target, b"b" * size)
 """
 
 
-def test_sigkill_mid_write_leaves_the_old_or_the_new_file_never_a_mix(tmp_path):
+@pytest.mark.parametrize(("moment", "left", "temps"), [
+    ("half written", b"a", 1), ("written, not renamed", b"a", 1), ("renamed, folder not synced", b"b", 0)])
+def test_sigkill_mid_write_leaves_the_old_or_the_new_file_never_a_mix(tmp_path, moment, left, temps):
     target, size = tmp_path / "blob.bin", 4 << 20
-    rng = random.Random(0)
-    left_behind = 0
-    for _ in range(15):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(size)], cwd=ROOT,
-                                stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline() == "ready\n"
-        time.sleep(rng.uniform(0, 0.05))
-        kill(proc)
-        data = target.read_bytes()
-        assert data in (b"a" * size, b"b" * size)  # whole, one version, whatever the moment of the kill
-        left_behind += len(temp_files(tmp_path))
-    assert left_behind > 0  # the kills did land in the middle of writes (the writer does nothing else)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(size), moment], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == moment + "\n"
+    kill(proc)
+    assert target.read_bytes() == left * size  # whole, one version
+    assert len(temp_files(tmp_path)) == temps  # a killed writer's temp file stays until the next writer
 
     # The next cnnedge process that writes into the folder removes what killed writers left behind.
     subprocess.run([sys.executable, "-c", "from cnnedge.atomic import write_text; import sys; write_text(sys.argv[1], 'x')",
                     str(tmp_path / "other.txt")], cwd=ROOT, check=True)
     assert temp_files(tmp_path) == []
-    assert target.read_bytes() in (b"a" * size, b"b" * size)
+    assert target.read_bytes() == left * size
 
 
 def test_sweep_removes_only_temp_files_of_writers_that_are_gone(tmp_path):
@@ -142,50 +177,80 @@ def test_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
 # ------------------------------------------------------------------------------------------- train
 
 
-def test_sigkill_during_training_then_resume_continues_from_the_last_completed_epoch(tmp_path, greek_dir):
-    out, partial = tmp_path / "cnn.pt", tmp_path / "cnn.partial.pt"  # the epochs go to partial until the end
-    train = ("train", "--dataset", f"imagefolder:{greek_dir}", *TRAIN, "--out", out)
-    rng = random.Random(1)
-    done_before, history_before = 0, []
-    for attempt in range(4):
-        proc = start("train", "--out", out, "--resume") if partial.exists() else start(*train)
-        lines = read_until(proc, "training ")
-        assert lines and lines[-1].startswith("training "), (lines, proc.communicate()[1])
-        if done_before:
-            assert f": {done_before} of {EPOCHS} epochs done" in "".join(lines)  # resumed where the file says
-        time.sleep(rng.uniform(0, 2))
-        if attempt % 2:
-            wait_for_a_write(proc, tmp_path)  # and kill it in the middle of writing a checkpoint
-        kill(proc)
-        if out.exists():  # the run reached its end before the kill: --out only ever holds the finished model
-            assert load_checkpoint(out)["complete"] and load_checkpoint(out)["epoch"] == EPOCHS
-            break
-        if not partial.exists():
-            continue
-        checkpoint = load_checkpoint(partial)  # never half-written, whatever the moment of the kill
-        epoch, history = checkpoint["epoch"], checkpoint["history"]
-        assert [h["epoch"] for h in history] == list(range(1, epoch + 1))
-        assert epoch >= done_before
-        assert history[:len(history_before)] == history_before  # continued, not restarted
-        assert not checkpoint["complete"] and "optimizer_state" in checkpoint
-        done_before, history_before = epoch, history
+def check_partial(partial: Path, history_before: list) -> dict:
+    checkpoint = load_checkpoint(partial)  # never half-written, whatever the moment of the kill
+    epoch, history = checkpoint["epoch"], checkpoint["history"]
+    assert [h["epoch"] for h in history] == list(range(1, epoch + 1))
+    assert history[:len(history_before)] == history_before  # continued, not restarted
+    assert not checkpoint["complete"] and "optimizer_state" in checkpoint
+    return checkpoint
 
-    # Finish: resume (or start, if no kill ever left an epoch) and run to the end. A run killed after it wrote
-    # --out but before it removed its partial file is resumed too, and ends with the same --out.
-    if partial.exists() or not out.exists():
-        proc = start("train", "--out", out, "--resume") if partial.exists() else start(*train)
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr
-        if done_before:
-            assert f": {done_before} of {EPOCHS} epochs done" in stdout
+
+def check_finished(out: Path, epochs: int, history_before: list) -> None:
     final = load_checkpoint(out)
-    assert final["complete"] and final["epoch"] == EPOCHS
-    assert [h["epoch"] for h in final["history"]] == list(range(1, EPOCHS + 1))
+    assert final["complete"] and final["epoch"] == epochs
+    assert [h["epoch"] for h in final["history"]] == list(range(1, epochs + 1))
     assert final["history"][:len(history_before)] == history_before
     metrics = json.loads(out.with_name("cnn.metrics.json").read_text())
     assert metrics["history"] == final["history"] and metrics["report_split"] == "test"
-    assert temp_files(tmp_path) == []  # what the killed runs left behind was cleaned by the last one
-    assert not partial.exists()  # the finished model replaced the run's own epoch file
+    assert temp_files(out.parent) == []  # what the killed runs left behind was cleaned by the last one
+    assert not out.with_name("cnn.partial.pt").exists()  # the finished model replaced the run's own epoch file
+
+
+def test_sigkill_mid_checkpoint_then_resume_continues_from_the_last_completed_epoch(tmp_path, greek_dir):
+    out, partial, epochs = tmp_path / "cnn.pt", tmp_path / "cnn.partial.pt", 6
+    train = ("train", "--dataset", f"imagefolder:{greek_dir}", *TRAIN, "--epochs", str(epochs), "--out", out)
+    # Killed while writing epoch 2's checkpoint: the file still holds epoch 1, whole.
+    proc = start_stopping("cnn.partial.pt", 2, *train)
+    read_until(proc, "publishing ")
+    kill(proc)
+    assert len(temp_files(tmp_path)) == 1 and not out.exists()
+    history = check_partial(partial, [])["history"]
+    assert len(history) == 1
+
+    # Resumed from epoch 1, then killed as it reports epoch 4 (just before, or while, saving it).
+    proc = start("train", "--out", out, "--resume")
+    lines = read_until(proc, "epoch 4/")
+    assert f": 1 of {epochs} epochs done" in "".join(lines), lines
+    kill(proc)
+    checkpoint = check_partial(partial, history)
+    assert checkpoint["epoch"] in (3, 4), checkpoint["epoch"]
+
+    result = cli("train", "--out", out, "--resume")  # to the end (in this process: nothing more to prove)
+    assert result.returncode == 0, result.stderr
+    assert f": {checkpoint['epoch']} of {epochs} epochs done" in result.stdout
+    check_finished(out, epochs, checkpoint["history"])
+
+
+@pytest.mark.slow
+def test_sigkill_loop_during_training_then_resume_continues_from_the_last_completed_epoch(tmp_path, greek_dir):
+    """Four kills of one 60-epoch run at moments its output names: as it reports an epoch, and in the
+    middle of writing a checkpoint, alternately; then resumed to the end."""
+    out, partial = tmp_path / "cnn.pt", tmp_path / "cnn.partial.pt"
+    train = ("train", "--dataset", f"imagefolder:{greek_dir}", *TRAIN, "--out", out)
+    done_before, history_before = 0, []
+    for attempt in range(4):
+        resume = ("train", "--out", out, "--resume")
+        if attempt % 2:  # the (done_before + 3)-th write of the checkpoint since this run started
+            proc = start_stopping("cnn.partial.pt", 3, *(resume if partial.exists() else train))
+            lines = read_until(proc, "publishing ")
+        else:
+            proc = start(*(resume if partial.exists() else train))
+            lines = read_until(proc, f"epoch {done_before + 3}/")
+        assert lines, proc.communicate()[1]
+        if done_before:
+            assert f": {done_before} of {EPOCHS} epochs done" in "".join(lines)  # resumed where the file says
+        kill(proc)
+        assert not out.exists()  # --out only ever holds the finished model
+        checkpoint = check_partial(partial, history_before)
+        assert checkpoint["epoch"] >= done_before + 2
+        done_before, history_before = checkpoint["epoch"], checkpoint["history"]
+
+    proc = start("train", "--out", out, "--resume")
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert f": {done_before} of {EPOCHS} epochs done" in stdout
+    check_finished(out, EPOCHS, history_before)
 
 
 def test_sigterm_abandons_the_epoch_in_progress_and_keeps_the_last_checkpoint(tmp_path, greek_dir):
@@ -257,25 +322,39 @@ def check_export(out: Path) -> set[str]:
     return present
 
 
+EXPORT_FILES = ("cnn.onnx", "cnn.fp16.onnx", "cnn.json")  # the order export publishes them in, report last
+
+
+def export_args(tmp_path: Path, out: Path) -> tuple:
+    # An empty --data-dir: parity on generated inputs, which keeps the run short.
+    return ("export", ROOT / "models" / "cnn.pt", "--out", out, "--quantize", "fp16", "--force", "--data-dir", tmp_path)
+
+
 def test_sigkill_during_export_leaves_each_file_complete_or_absent(tmp_path):
     out = tmp_path / "out" / "cnn.onnx"
-    # An empty --data-dir: parity on generated inputs, which keeps the run short.
-    args = ("export", ROOT / "models" / "cnn.pt", "--out", out, "--quantize", "fp16", "--force",
-            "--data-dir", tmp_path)
-    out.parent.mkdir()
-    proc = start(*args)
-    wait_for_a_write(proc, out.parent, timeout=300)
-    kill(proc)  # in the middle of writing the first model: no file at all, or only whole ones
-    check_export(out)
-    rng = random.Random(0)
-    for _ in range(3):  # then at random moments of a rerun (imports, checks, parity, writes)
-        proc = start(*args)
-        time.sleep(rng.uniform(1.0, 12.0))
-        kill(proc)
-        check_export(out)
+    args = export_args(tmp_path, out)
+    # Killed as it publishes its first model: every file is staged, none published.
+    proc = start_stopping("cnn.onnx", 1, *args)
+    read_until(proc, "publishing ")
+    kill(proc)
+    assert check_export(out) == set() and len(temp_files(out.parent)) == 3
 
+    assert cli(*args).returncode == 0  # then a whole export (in this process: nothing more to prove)
+    assert check_export(out) == set(EXPORT_FILES) and temp_files(out.parent) == []  # it cleaned up the kill's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", EXPORT_FILES)
+def test_sigkill_before_each_rename_of_a_rerun_leaves_a_set_its_readers_accept_or_refuse(tmp_path, stop):
+    """Killed between two renames of a rerun: new models beside the old report, which their readers refuse."""
+    out = tmp_path / "out" / "cnn.onnx"
+    args = export_args(tmp_path, out)
+    assert cli(*args).returncode == 0
+    proc = start_stopping(stop, 1, *args)
+    read_until(proc, "publishing ")
+    kill(proc)
+    assert check_export(out) == set(EXPORT_FILES)
     proc = start(*args)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
-    assert check_export(out) == {"cnn.onnx", "cnn.fp16.onnx", "cnn.json"}
-    assert temp_files(out.parent) == []
+    assert check_export(out) == set(EXPORT_FILES) and temp_files(out.parent) == []

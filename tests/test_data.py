@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cnnedge.train.data import augment_batch, load_data, normalization, split_validation
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli
 
 
 def test_mnist_idx_files_through_torchvision(data_root):
@@ -26,13 +26,13 @@ def test_data_dir_falls_back_to_environment(data_root, monkeypatch):
 
 
 def test_missing_dataset_names_files_and_folder(tmp_path):
-    result = run_cli("train", "--data-dir", tmp_path, "--out", tmp_path / "m.pt")
+    result = cli("train", "--data-dir", tmp_path, "--out", tmp_path / "m.pt")
     assert_one_line_error(result, 2, "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", str(tmp_path / "MNIST" / "raw"))
     assert not (tmp_path / "m.pt").exists()
 
 
 def test_unknown_dataset(tmp_path):
-    assert_one_line_error(run_cli("train", "--dataset", "cifar", "--out", tmp_path / "m.pt"), 2, "unknown dataset 'cifar'")
+    assert_one_line_error(cli("train", "--dataset", "cifar", "--out", tmp_path / "m.pt"), 2, "unknown dataset 'cifar'")
 
 
 def test_imagefolder_is_preprocessed_like_predict(greek_dir):

@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from cnnedge.train.checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import ROOT
 
 
+@pytest.mark.slow  # two training processes: CI runs it with the slow set
 def test_torchrun_two_cpu_processes(tmp_path, data_root):
     out = tmp_path / "ddp.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",

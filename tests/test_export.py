@@ -224,19 +224,31 @@ def test_existing_outputs_need_force(tmp_path, monkeypatch, capsys):
 
 
 def test_parity_numbers_are_real(shipped):
+    """The report's figures are measured: recomputed here under the export's conditions (one thread, batches
+    of ex.BATCH, the session options cnnedge runs models with), they are the same numbers."""
     out, report = shipped
     checkpoint = load_checkpoint(SHIPPED)
     model = ex.WithEmbedding(model_from_checkpoint(checkpoint), "relu4").eval()
     x, _ = mnist_test(10_000, checkpoint)
-    with torch.no_grad():
-        ref_logits, ref_emb = (t.numpy() for t in model(torch.from_numpy(x)))
-    logits, emb = ort.InferenceSession(str(out)).run(["logits", "embedding"], {"input": x})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=ex.DISABLED_OPTIMIZERS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            ref = [torch.cat(t).numpy() for t in zip(*(model(torch.from_numpy(x[i:i + ex.BATCH])) for i in range(0, len(x), ex.BATCH)))]
+    finally:
+        torch.set_num_threads(threads)
+    got = [np.concatenate(t) for t in zip(*(session.run(["logits", "embedding"], {"input": x[i:i + ex.BATCH]})
+                                            for i in range(0, len(x), ex.BATCH)))]
     cpu = report["parity"]["providers"]["CPUExecutionProvider"]
     assert report["parity"]["images"] == 10_000 and report["parity"]["inputs"] == "mnist test set"
-    assert cpu["max_abs_diff_logits"] == pytest.approx(np.abs(ref_logits - logits).max(), rel=0.5, abs=1e-6)
-    assert cpu["max_abs_diff_embedding"] == pytest.approx(np.abs(ref_emb - emb).max(), rel=0.5, abs=1e-6)
-    assert 0 < cpu["max_abs_diff_logits"] <= 1e-4 and cpu["top1_agreement"] == 1.0
-    assert (logits.argmax(1) == ref_logits.argmax(1)).all()
+    assert cpu["max_abs_diff_logits"] == pytest.approx(np.abs(ref[0] - got[0]).max(), rel=1e-3)
+    assert cpu["max_abs_diff_embedding"] == pytest.approx(np.abs(ref[1] - got[1]).max(), rel=1e-3)
+    assert 0 < cpu["max_abs_diff_logits"] <= ex.TOLERANCE and cpu["top1_agreement"] == 1.0
+    assert (got[0].argmax(1) == ref[0].argmax(1)).all()
     assert "CPUExecutionProvider" in report["providers_tested"]
 
 
@@ -302,11 +314,26 @@ def test_onnxruntime_fuses_conv_bn_relu_at_load(shipped, tmp_path):
     assert optimized["BatchNormalization"] == 0 and optimized["Relu"] == 0 and optimized["Conv"] + optimized["FusedConv"] == 3
 
 
-def test_shipped_export_is_current():
-    """export/cnn.onnx is the shipped models/cnn.pt, exported and verified."""
-    path = MODEL
-    info = ModelInfo.from_props(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map)
-    assert info.checkpoint_sha256 == hashlib.sha256(SHIPPED.read_bytes()).hexdigest()
+def test_shipped_export_is_current_and_its_report_describes_it(fresh_export, data_root):
+    """export/ is models/cnn.pt exported by this tree: each file is the one the committed report vouches for,
+    the report's layer table is what this tree's exporter writes, and the shipped model matches PyTorch
+    (measured here, not read from the report's own flags)."""
     report = json.loads((ROOT / "export" / "cnn.json").read_text())
-    assert report["parity"]["passed"] and all(layer["ok"] for layer in report["layers"])
-    assert report["size_bytes"] == path.stat().st_size
+    checkpoint_sha = hashlib.sha256(SHIPPED.read_bytes()).hexdigest()
+    assert set(report["files"]) == {"fp32", "fp16", "int8"} and report["checkpoint_sha256"] == checkpoint_sha
+    for precision, entry in report["files"].items():
+        data = (ROOT / entry["path"]).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size_bytes"], entry["sha256"]), precision
+        info = ModelInfo.from_props({p.key: p.value for p in onnx.load_from_string(data).metadata_props})
+        assert info.checkpoint_sha256 == checkpoint_sha and info.precision == precision
+    assert MODEL == ROOT / report["files"]["fp32"]["path"] and report["size_bytes"] == MODEL.stat().st_size
+    assert report["layers"] == fresh_export.report["layers"]
+
+    checkpoint = load_checkpoint(SHIPPED)
+    model = ex.WithEmbedding(model_from_checkpoint(checkpoint), "relu4").eval()
+    x, _ = mnist_test(1_000, checkpoint)
+    with torch.no_grad():
+        ref_logits, ref_emb = (t.numpy() for t in model(torch.from_numpy(x)))
+    logits, emb = ort.InferenceSession(str(MODEL)).run(["logits", "embedding"], {"input": x})
+    assert np.abs(logits - ref_logits).max() <= ex.TOLERANCE and np.abs(emb - ref_emb).max() <= ex.TOLERANCE
+    assert (logits.argmax(1) == ref_logits.argmax(1)).all()

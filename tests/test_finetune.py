@@ -10,7 +10,7 @@ import torch
 
 from cnnedge.train.checkpoint import load_checkpoint
 from cnnedge.train.trainer import FINETUNE_HPARAMS
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, cli
 
 SOURCE = ROOT / "models/cnn.pt"  # the shipped digits model (MNIST)
 DIGITS_ONNX = ROOT / "export/cnn.onnx"  # its shipped export
@@ -18,7 +18,7 @@ GREEK = ["alpha", "beta", "delta", "epsilon", "gamma", "lambda"]
 
 
 def _summary(*args) -> dict:
-    result = run_cli("predict", *args, "--format", "json")
+    result = cli("predict", *args, "--format", "json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["summary"]
 
@@ -28,10 +28,10 @@ def fine_tuned(tmp_path_factory, greek_dir):
     """`cnnedge train --from models/cnn.pt` on greek/ with the default fine-tuning recipe, then `cnnedge export`."""
     folder = tmp_path_factory.mktemp("finetune")
     out, onnx = folder / "greek.pt", folder / "greek.onnx"
-    result = run_cli("train", "--dataset", f"imagefolder:{greek_dir}", "--from", SOURCE, "--seed", "0", "--out", out)
+    result = cli("train", "--dataset", f"imagefolder:{greek_dir}", "--from", SOURCE, "--seed", "0", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "fine-tuning" in result.stdout and "54 train / 0 val / 24 test" in result.stdout
-    exported = run_cli("export", out, "--out", onnx)
+    exported = cli("export", out, "--out", onnx)
     assert exported.returncode == 0, exported.stderr
     return out, onnx
 
@@ -71,7 +71,7 @@ def test_fine_tuning_beats_few_shot_with_the_digits_model(fine_tuned, greek_dir,
     """Few-shot: embed greek/train with the digits model, classify by the nearest class prototype. Fine-tuning
     adapts the features themselves to the new symbols, so it must do at least as well."""
     gallery = tmp_path / "greek.gallery.npz"
-    enrolled = run_cli("enroll", greek_dir / "train", "--out", gallery, "--model", DIGITS_ONNX)
+    enrolled = cli("enroll", greek_dir / "train", "--out", gallery, "--model", DIGITS_ONNX)
     assert enrolled.returncode == 0, enrolled.stderr
     few_shot = _summary(greek_dir / "test", "--model", DIGITS_ONNX, "--gallery", gallery)
     assert few_shot["images"] == 24 and few_shot["class_names"] == GREEK
@@ -81,7 +81,7 @@ def test_fine_tuning_beats_few_shot_with_the_digits_model(fine_tuned, greek_dir,
 
 def test_freeze_backbone_trains_only_the_head_and_options_override_the_recipe(greek_dir, tmp_path):
     out = tmp_path / "frozen.pt"
-    result = run_cli("train", "--dataset", f"imagefolder:{greek_dir}", "--from", SOURCE, "--freeze-backbone",
+    result = cli("train", "--dataset", f"imagefolder:{greek_dir}", "--from", SOURCE, "--freeze-backbone",
                      "--epochs", "4", "--batch-size", "8", "--no-plots", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "backbone frozen" in result.stdout
@@ -97,10 +97,10 @@ def test_freeze_backbone_trains_only_the_head_and_options_override_the_recipe(gr
 
 def test_refusals_are_one_line_and_write_nothing(greek_dir, tmp_path):
     out = tmp_path / "x.pt"
-    assert_one_line_error(run_cli("train", "--freeze-backbone", "--out", out), 2, "--freeze-backbone needs --from")
+    assert_one_line_error(cli("train", "--freeze-backbone", "--out", out), 2, "--freeze-backbone needs --from")
     # greek/train alone has no test split: with no validation images there is nothing to report on.
-    assert_one_line_error(run_cli("train", "--dataset", f"imagefolder:{greek_dir / 'train'}", "--from", SOURCE,
+    assert_one_line_error(cli("train", "--dataset", f"imagefolder:{greek_dir / 'train'}", "--from", SOURCE,
                                   "--val-fraction", "0", "--out", out), 2, "no test split", "--val-fraction")
-    assert_one_line_error(run_cli("train", "--dataset", f"imagefolder:{greek_dir}", "--from", SOURCE,
+    assert_one_line_error(cli("train", "--dataset", f"imagefolder:{greek_dir}", "--from", SOURCE,
                                   "--val-fraction", "1.5", "--out", out), 2, "--val-fraction")
     assert not out.exists()

@@ -29,6 +29,7 @@ def no_gpu():
         pytest.skip("this machine has a GPU: the check runs for real there")
 
 
+@pytest.mark.slow  # the whole script: training, export with variants, bench (CI runs it with the slow set)
 def test_without_a_gpu_every_cuda_step_says_so_and_the_rest_runs(no_gpu, data_root, tmp_path):
     r, doc = gpu_check(tmp_path, "--data-dir", str(data_root), "--limit", "1000", "--epochs", "1", "--quick")
     steps = doc["steps"]

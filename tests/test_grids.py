@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnnedge.infer.grid import GREEN, GREY, LINE, RED, TITLE, grid_layout, label_grid
-from conftest import MODEL, ROOT, assert_one_line_error, run_cli, run_torch_free
+from conftest import MODEL, ROOT, assert_one_line_error, cli, run_cli, run_torch_free
 
 
 def frame_colour(picture: np.ndarray, box) -> tuple[int, int, int]:
@@ -48,25 +48,23 @@ def test_label_grid_marks_exactly_the_wrong_tiles():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
-    out = tmp_path_factory.mktemp("grids") / "g.pt"
-    result = run_cli("train", "--limit", "1500", "--epochs", "1", "--out", out)
-    assert result.returncode == 0, result.stderr
-    return out
+def trained(small_model):
+    """The session's short training run (conftest.small_model), which wrote its grids."""
+    return small_model[0]
 
 
 def test_train_writes_samples_and_predictions_grids(trained, data_root):
     out = trained
-    samples = cv2.imread(str(out.with_name("g.samples.png")))
+    samples = cv2.imread(str(out.with_name(out.stem + ".samples.png")))
     size, boxes = grid_layout(25, (28, 28), cols=5, lines=1, title=True)
     assert samples.shape[:2] == size
     assert all(frame_colour(samples, b) == GREY for b in boxes) and not red_mask(samples).any()  # labels, no verdicts
 
-    metrics = json.loads(out.with_name("g.metrics.json").read_text())
+    metrics = json.loads(out.with_name(out.stem + ".metrics.json").read_text())
     mistakes = round((1 - metrics["test_accuracy"]) * 10_000)
     assert 16 < mistakes < 9_984  # one short epoch: mistakes and right answers both to show
     shown_wrong = min(32, mistakes)  # at most two thirds of the 48 tiles
-    predictions = cv2.imread(str(out.with_name("g.predictions.png")))
+    predictions = cv2.imread(str(out.with_name(out.stem + ".predictions.png")))
     size, boxes = grid_layout(48, (28, 28), cols=8, lines=2, title=True)
     assert predictions.shape[:2] == size
     colours = [frame_colour(predictions, b) for b in boxes]
@@ -132,7 +130,7 @@ def test_predict_grid_is_torch_free_and_red_where_the_class_folder_disagrees(tmp
 
 
 def test_predict_grid_refuses_what_it_cannot_write(tmp_path):
-    assert_one_line_error(run_cli("predict", "samples/", "--grid", tmp_path / "grid.jpg"), 2, "--grid", ".png")
+    assert_one_line_error(cli("predict", "samples/", "--grid", tmp_path / "grid.jpg"), 2, "--grid", ".png")
 
 
 def test_pixels_writes_every_value_of_the_network_input(tmp_path):

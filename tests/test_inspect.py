@@ -6,7 +6,7 @@ import cv2
 import pytest
 
 from cnnedge.train.inspect import GAP, TILE, grid_shape, inspect
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, cli
 
 CHECKPOINT = ROOT / "models" / "cnn.pt"
 
@@ -38,15 +38,15 @@ def test_filter2d_reproduces_the_network(tmp_path, handwritten_dir, layer):
 
 
 def test_cli_prints_the_files_and_refuses_bad_input(tmp_path, handwritten_dir):
-    result = run_cli("inspect", CHECKPOINT, "--image", handwritten_dir / "2" / "photo_2.png", "--out", tmp_path)
+    result = cli("inspect", CHECKPOINT, "--image", handwritten_dir / "2" / "photo_2.png", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"wrote {tmp_path / 'conv1.filters.png'}" in result.stdout
     assert "conv1.photo_2.responses.png" in result.stdout
-    assert_one_line_error(run_cli("inspect", CHECKPOINT, "--layer", "fc1", "--out", tmp_path), 2, "not a conv layer")
+    assert_one_line_error(cli("inspect", CHECKPOINT, "--layer", "fc1", "--out", tmp_path), 2, "not a conv layer")
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    assert_one_line_error(run_cli("inspect", CHECKPOINT, "--image", text, "--out", tmp_path), 2, str(text))
-    assert_one_line_error(run_cli("inspect", text, "--out", tmp_path), 2, "not a cnnedge checkpoint")
+    assert_one_line_error(cli("inspect", CHECKPOINT, "--image", text, "--out", tmp_path), 2, str(text))
+    assert_one_line_error(cli("inspect", text, "--out", tmp_path), 2, "not a cnnedge checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png" and p != text) == [
         "conv1.filters.png", "conv1.photo_2.responses.png"]
 

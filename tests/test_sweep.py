@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +17,7 @@ from typer.testing import CliRunner
 
 from cnnedge.cli import app, main
 from cnnedge.train.sweep import Range, TrainOption, parse_seeds, parse_values
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, start_paused_at_epoch
 
 GRID = ("--epochs", "1,2", "--batch-size", "64", "--batch-size", "256", "--limit", "4000")
 
@@ -40,8 +37,17 @@ def metrics_of(row: dict, out: Path) -> dict:
     return json.loads((out / "trials" / row["trial"] / "cnn.metrics.json").read_text())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Trials take the cores other processes leave free at each epoch; a result reproduces with the same
+    thread count, so these runs use one (OMP_NUM_THREADS), whatever else the machine is doing."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory, data_root):
+def grid_sweep(one_thread, tmp_path_factory, data_root):
     """The issue's goal: 2 epochs values x 2 batch sizes with --limit 4000."""
     out = tmp_path_factory.mktemp("sweep") / "s"
     output = invoke(*GRID, "--out", out)
@@ -151,26 +157,13 @@ def test_on_epoch_hook_sees_every_epoch_and_can_stop_the_run(tmp_path, data_root
     assert not out.exists()
 
 
-def _sweep_process(out: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cnnedge", "sweep", "--epochs", "2", "--batch-size", "32,64", "--limit", "2000",
-           "--out", str(out), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
 def test_interrupted_sweep_keeps_finished_trials_and_rerun_resumes(tmp_path, data_root, how):
     out = tmp_path / "s"
-    proc = _sweep_process(out)
+    # Paused at the 4th epoch of the sweep, the second trial's second: its first is checkpointed.
+    proc, _ = start_paused_at_epoch(4, "sweep", "--epochs", "2", "--batch-size", "32,64", "--limit", "2000", "--out", out)
     second = out / "trials" / "batch-size-64_seed-0"
-    _wait_for(second / "cnn.partial.pt", proc)  # the second trial has checkpointed its first epoch
+    assert (second / "cnn.partial.pt").is_file()
     proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     first = out / "trials" / "batch-size-32_seed-0" / "cnn.metrics.json"
@@ -193,16 +186,19 @@ def test_interrupted_sweep_keeps_finished_trials_and_rerun_resumes(tmp_path, dat
     assert not list(out.rglob(".*.tmp*"))  # no temp file left behind by the killed writer
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_sqlite_study(tmp_path, data_root):
     optuna = pytest.importorskip("optuna")
     db = tmp_path / "study.db"
     search = ["--search", "tpe", "--trials", "6", "--storage", f"sqlite:///{db}", "--study", "shared",
               "--lr", "0.02..0.2:log", "--batch-size", "32,64", "--epochs", "2", "--limit", "1500"]
-    # Two workers on one machine: a thread each (docs/sweep.md), else they fight over the cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "cnnedge", "sweep", *search, "--out", str(tmp_path / name)],
-                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Two workers on one machine: a thread each (docs/sweep.md), else they fight over the cores. Each waits in
+    # its first trial until both have one, so both take part however late a busy machine starts the second.
+    go = tmp_path / "go"
+    procs = {name: start_paused_at_epoch(1, "sweep", *search, "--out", tmp_path / name, env={"OMP_NUM_THREADS": "1"},
+                                         go=go)[0]
              for name in ("a", "b")}
+    go.touch()
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, (name, stdout, stderr)

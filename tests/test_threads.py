@@ -51,10 +51,11 @@ def test_both_cores_spun_by_other_processes_give_one_thread(monkeypatch):
     if threads._sample() is None:
         pytest.skip("no /proc/stat here")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    spin = "import time\nend = time.monotonic() + 20\nwhile time.monotonic() < end: pass"
-    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(threads.usable_cores())]
+    spin = "import time\nprint('spinning', flush=True)\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True)
+                for _ in range(threads.usable_cores())]
     try:
-        time.sleep(0.3)  # they are running
+        assert all(p.stdout.readline() == "spinning\n" for p in spinners)  # they are running, however late
         threads.free_cores()  # start a window
         time.sleep(0.5)
         assert threads.free_cores() < 0.75

@@ -19,7 +19,7 @@ from onnx.external_data_helper import set_external_data
 from cnnedge.train import checkpoint as ckpt
 from cnnedge.errors import CnnedgeError
 from cnnedge.infer.backend import MAX_MODEL_BYTES
-from conftest import MODEL, ROOT, assert_one_line_error, run_cli
+from conftest import MODEL, ROOT, assert_one_line_error, cli, run_cli
 
 SHIPPED_PT = ROOT / "models" / "cnn.pt"
 
@@ -61,7 +61,7 @@ def checkpoint_command(command: str, path, tmp_path) -> tuple:
 @pytest.mark.parametrize("command", ["train --resume", "train --from", "export", "inspect"])
 def test_a_pickle_that_runs_a_command_is_refused_and_never_runs(malicious, tmp_path, command):
     path, marker = malicious
-    result = run_cli(*checkpoint_command(command, path, tmp_path))
+    result = cli(*checkpoint_command(command, path, tmp_path))
     assert_one_line_error(result, 2, str(path), "refused to unpickle posix.system", "possibly malicious")
     assert not marker.exists()
     assert list(tmp_path.iterdir()) == []  # and nothing was written
@@ -112,7 +112,7 @@ def test_files_that_are_no_checkpoint_are_refused_in_one_line(tmp_path):
                                            ("a plain tensor", "train --from"), ("a dict without our keys", "train --resume")])
 def test_files_that_are_no_checkpoint_through_the_cli(tmp_path, what, command):
     path = not_checkpoints(tmp_path)[what]
-    assert_one_line_error(run_cli(*checkpoint_command(command, path, tmp_path)), 2, str(path), "cnnedge checkpoint")
+    assert_one_line_error(cli(*checkpoint_command(command, path, tmp_path)), 2, str(path), "cnnedge checkpoint")
     assert not (tmp_path / "fine-tuned.pt").exists() and not (tmp_path / "cnn.onnx").exists()
     assert not (tmp_path / "inspect").exists()
 
@@ -124,7 +124,7 @@ def test_an_oversized_checkpoint_is_refused_before_reading(tmp_path):
     huge = tmp_path / "huge.pt"
     with open(huge, "wb") as f:
         f.truncate(ckpt.MAX_CHECKPOINT_BYTES + 1)  # sparse: no real 512 MiB written
-    assert_one_line_error(run_cli("inspect", huge, "--out", tmp_path / "inspect"), 2, str(huge),
+    assert_one_line_error(cli("inspect", huge, "--out", tmp_path / "inspect"), 2, str(huge),
                           f"over the {ckpt.MAX_CHECKPOINT_BYTES:,}-byte checkpoint limit")
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from cnnedge import cli
 from cnnedge.train.zoo import ARCHS, Layer, build_edgenet, check_layers, get_arch
-from conftest import ROOT, run_cli
+from conftest import ROOT
+from conftest import cli as in_process
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -121,11 +122,11 @@ def test_summary_exits_3_on_a_mismatch(monkeypatch, capsys):
 
 
 def test_summary_cli_lists_every_architecture():
-    result = run_cli("summary")
+    result = in_process("summary")
     assert result.returncode == 0, result.stderr
     for name in ARCHS:
         assert name in result.stdout
-    detail = run_cli("summary", "--arch", "keras_mnist_cnn")
+    detail = in_process("summary", "--arch", "keras_mnist_cnn")
     assert detail.returncode == 0, detail.stderr
     assert "1,199,882 parameters" in detail.stdout and "documented activation total 87,194" in detail.stdout
     assert "87,194 activations" in detail.stdout  # measured total equals the documented one
