@@ -162,7 +162,7 @@ def test_gallery_by_name_gives_the_few_shot_classes(api, greek_dir):
     doc = api.post("/v1/predict/batch", files=files, params={"gallery": "greek"}).json()
     assert doc["metric"] == "cosine" and doc["gallery"].endswith("greek.gallery.npz")
     right = sum(res["label"] == p.parent.name for p, res in zip(tests, doc["results"]))
-    assert right / len(tests) >= 0.90  # as `cnnedge predict --gallery` (tests/test_gallery.py)
+    assert right / len(tests) >= 0.75  # as `cnnedge predict --gallery` (tests/test_gallery.py, FEW_SHOT)
     assert all(res["metric"] == "cosine" and len(res["distances"]) == 6 for res in doc["results"])
     plain = api.post("/v1/predict", content=tests[0].read_bytes()).json()
     assert plain["label"] in [str(d) for d in range(10)] and "gallery" not in plain
