@@ -41,6 +41,7 @@ from cnnedge.report import to_json
 ROI_FRACTION = 0.6  # the default ROI: a centred square, this fraction of the frame's short side
 WORK_SIZE = 128  # the ROI is analysed at most this many pixels on its long side (see bench_webcam.py)
 MIN_DIGIT_PIXELS = 20  # a digit spans at least this many analysed pixels (MNIST draws its digits in 20x20)
+MAX_STROKE_RATIO = 0.2  # stroke width / the digit's long side: MNIST's pen is 0.115; fatter fills the loops
 TOPK = 3
 STALL_SECONDS = 10.0  # a camera or stream silent for this long has stopped
 WINDOW = "cnnedge webcam"
@@ -269,15 +270,18 @@ class FrameClassifier:
         self.min_confidence = min_confidence
         self.smoother = Smoother(smooth)
 
-    def _plausible(self, box: tuple[int, int, int, int] | None, shape: tuple[int, ...]) -> bool:
-        """A digit lies wholly inside the ROI and is not a speck or a fragment. A camera sees shadows, the
-        page edge and the hand at the ROI's border, where preprocessing would dutifully find "a digit"."""
+    def _plausible(self, prepared, shape: tuple[int, ...]) -> bool:
+        """A digit lies wholly inside the ROI and is a pen stroke, not a speck, a fragment or a blob. A camera
+        sees shadows, the page edge and the hand at the ROI's border, and on blank paper under uneven light a
+        bright or dark patch of its texture, where preprocessing would dutifully find "a digit"."""
         if self.info.preprocess != "digit":
             return True  # "fit" models classify what fills the frame
-        if box is None:
+        if prepared.box is None:
             return False
         h, w = shape[:2]
-        bx, by, bw, bh = box
+        bx, by, bw, bh = prepared.box
+        if prepared.stroke_width > MAX_STROKE_RATIO * max(bw, bh):
+            return False
         inside = bx >= 1 and by >= 1 and bx + bw <= w - 1 and by + bh <= h - 1
         upright = bw <= 2 * bh  # handwritten digits are taller than wide; a flat box is an edge or a crease
         return inside and upright and max(bw, bh) >= MIN_DIGIT_PIXELS
@@ -296,7 +300,7 @@ class FrameClassifier:
         result = FrameResult(index, roi)
         t1 = time.perf_counter()
         probs = None
-        if prepared is not None and self._plausible(prepared.box, crop.shape):
+        if prepared is not None and self._plausible(prepared, crop.shape):
             result.input = prepared.input
             net_input = prepared.input[None] if self.channels == 1 else np.repeat(prepared.input[None, None], self.channels, 1)
             probs = self.runtime.probabilities(net_input)[0]
