@@ -16,7 +16,7 @@ The digit pipeline (`prepare`, or `analyse` for the box and the details), on uin
 2. An input that already is MNIST's format passes through as is: size x size, either polarity, the ink's box
    fitted into 20x20, the centre of mass at the centre, MNIST-like strokes (see `mnist_like`). Any other
    small image (an app's 28x28 canvas export) is normalised like a photo.
-3. Work at <= 512 px (ink-preserving min/max pooling when shrinking, so 1 px pen lines survive).
+3. Work at <= 320 px (ink-preserving min/max pooling when shrinking, so 1 px pen lines survive).
 4. Polarity: a flat digital background decides directly; a sheet of paper photographed on a darker table
    (see `_sheet`) means dark ink; other photos are decided by the strongest deviations from local medians
    at three scales, with a prior for dark ink (light ink must win clearly, with a dark surround).
@@ -49,11 +49,11 @@ import numpy as np
 
 from cnnedge.choices import PREPROCESS_MODES
 from cnnedge.errors import ImageError, ImageTooLarge
-from cnnedge.infer.files import MAX_PIXELS
+from cnnedge.infer.files import MAX_PIXELS, decode_grey, decode_image
 
 INK = ("auto", "dark", "light")
 
-WORK_MAX = 512  # long side of the working resolution
+WORK_MAX = 320  # long side of the working resolution (512 found the same digits, 2.5x the pixels: issue 18)
 SUPERSAMPLE = 4  # the shape is rebuilt at this multiple of the output scale before the final INTER_AREA
 STROKE_RATIO = 0.115  # MNIST's median stroke width / box side (2.25 px of 20, measured on the test set)
 MIN_SIDE = 8  # smaller images hold no recognisable symbol (8x8: the smallest digit datasets, e.g. sklearn's)
@@ -779,6 +779,16 @@ def analyse(image: np.ndarray, mode: str = "digit", size: int = 28,
         bx, by, bw, bh = result.box
         result.box = (bx + ox, by + oy, bw, bh)
     return result
+
+
+def decode_for(data: bytes | np.ndarray, mode: str = "digit") -> tuple[np.ndarray, int]:
+    """An image file's contents decoded for `analyse` in `mode`, and the factor by which its pixels were
+    shrunk (boxes found in it are that many times smaller than the file's). The digit pipeline works on grey,
+    so a JPEG is decoded straight to grey, and a large one in the DCT domain at 1/2, 1/4 or 1/8 scale
+    (cnnedge.infer.files.decode_grey), keeping twice the working size: the shrink to WORK_MAX that remains
+    still pools the ink (see `_locate`), which a DCT-domain shrink, an average, does not do for thin strokes.
+    PNG and the rest, and the "fit" mode: as decode_image."""
+    return decode_grey(data, 2 * WORK_MAX) if mode == "digit" else (decode_image(data), 1)
 
 
 def prepare(image: np.ndarray, mode: str = "digit", size: int = 28,
