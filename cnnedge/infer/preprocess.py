@@ -279,7 +279,10 @@ def _polarity(gray: np.ndarray) -> bool:
     H, W = gray.shape
     f = min(1.0, 96 / max(H, W))
     thumb = cv2.resize(gray, (max(1, round(W * f)), max(1, round(H * f))), interpolation=cv2.INTER_AREA) if f < 1 else gray
-    vote = sum(_median_vote(thumb, frac) for frac in (3, 5, 8))
+    vote = _median_vote(thumb, 3) + _median_vote(thumb, 5)
+    if vote <= -0.45:  # dark ink whatever the last window says (a vote is at most 1): its median is the slow one
+        return False
+    vote += _median_vote(thumb, 8)
     # Dark ink on light paper is by far the commoner case, so light ink must win the vote clearly and,
     # unless it wins overwhelmingly, be surrounded by a dark border. (Light-ink photos vote 0.7 to 3 with
     # dark borders; fat dark strokes cut tight at the border can vote up to about 1.8, with light borders.)
