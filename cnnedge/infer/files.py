@@ -56,7 +56,11 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 def decode_image(data: bytes | np.ndarray) -> np.ndarray:
     """Decode encoded image bytes as is (8/16-bit, grey, BGR or BGRA), upright: the EXIF orientation of a
     JPEG, WebP or PNG (eXIf) is applied as image viewers do (OpenCV's TIFF decoder applies TIFF's own)."""
-    return decode_grey(data, None)[0]
+    return _decode(_buffer(data), cv2.IMREAD_UNCHANGED)
+
+
+def _buffer(data: bytes | np.ndarray) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
 
 
 # libjpeg's DCT-domain scalings (a 1/8 scale decodes 8x8 blocks to one pixel), the largest first.
@@ -64,18 +68,17 @@ _REDUCED = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCAL
             (2, cv2.IMREAD_REDUCED_GRAYSCALE_2), (1, cv2.IMREAD_GRAYSCALE))
 
 
-def decode_grey(data: bytes | np.ndarray, long_side: int | None) -> tuple[np.ndarray, int]:
+def decode_grey(data: bytes | np.ndarray, long_side: int) -> tuple[np.ndarray, int]:
     """Like `decode_image`, for a caller that only needs grey at least `long_side` pixels on the long side
     (the digit preprocessing): an 8-bit grey or colour JPEG is decoded by libjpeg straight to grey (its luma
     is the BT.601 grey cvtColor would compute, without decoding the colour planes: 4-5x faster) at the
     smallest of 1/8, 1/4, 1/2 scale that keeps `long_side`. Returns (image, factor): the image's pixels
-    are `factor` of the file's (1 for any other file, decoded as `decode_image` does; and with long_side
-    None, no JPEG is shrunk)."""
-    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    are `factor` of the file's (1 for any other file, decoded as `decode_image` does)."""
+    buf = _buffer(data)
     size = _jpeg_size(buf)
     if size is None:
         return _decode(buf, cv2.IMREAD_UNCHANGED), 1
-    factor, flags = next((f, flags) for f, flags in _REDUCED if f == 1 or long_side and max(size) >= f * long_side)
+    factor, flags = next((f, flags) for f, flags in _REDUCED if f == 1 or max(size) >= f * long_side)
     # The orientation is applied here, as for any file (IMREAD_IGNORE_ORIENTATION: one rule, `oriented`).
     return _decode(buf, flags | cv2.IMREAD_IGNORE_ORIENTATION), factor
 
@@ -84,8 +87,8 @@ def _jpeg_size(buf: np.ndarray) -> tuple[int, int] | None:
     """(width, height) of a baseline, extended or progressive JPEG of 8-bit grey or YCbCr (1 or 3
     components), read from its frame header; None for anything else (12-bit, lossless, CMYK, not a JPEG),
     which is decoded as is."""
-    data = buf[:65536].tobytes()  # the frame header comes before the image data, after EXIF (<= 64 KiB)
-    if not data.startswith(b"\xff\xd8"):
+    data = memoryview(np.ascontiguousarray(buf))  # the headers are read in place, the file is not copied
+    if bytes(data[:2]) != b"\xff\xd8":
         return None
     i = 2
     while i + 9 < len(data):

@@ -16,7 +16,7 @@ The digit pipeline (`prepare`, or `analyse` for the box and the details), on uin
 2. An input that already is MNIST's format passes through as is: size x size, either polarity, the ink's box
    fitted into 20x20, the centre of mass at the centre, MNIST-like strokes (see `mnist_like`). Any other
    small image (an app's 28x28 canvas export) is normalised like a photo.
-3. Work at <= 320 px (ink-preserving min/max pooling when shrinking, so 1 px pen lines survive).
+3. Work at <= 352 px (ink-preserving min/max pooling when shrinking, so 1 px pen lines survive).
 4. Polarity: a flat digital background decides directly; a sheet of paper photographed on a darker table
    (see `_sheet`) means dark ink; other photos are decided by the strongest deviations from local medians
    at three scales, with a prior for dark ink (light ink must win clearly, with a dark surround).
@@ -53,7 +53,7 @@ from cnnedge.infer.files import MAX_PIXELS, decode_grey, decode_image
 
 INK = ("auto", "dark", "light")
 
-WORK_MAX = 320  # long side of the working resolution (512 found the same digits, 2.5x the pixels: issue 18)
+WORK_MAX = 352  # long side of the working resolution (issue 18: 512 found the same digits at 2.1x the pixels)
 SUPERSAMPLE = 4  # the shape is rebuilt at this multiple of the output scale before the final INTER_AREA
 STROKE_RATIO = 0.115  # MNIST's median stroke width / box side (2.25 px of 20, measured on the test set)
 MIN_SIDE = 8  # smaller images hold no recognisable symbol (8x8: the smallest digit datasets, e.g. sklearn's)
