@@ -4,6 +4,8 @@ gives: the same grey, the same predictions and boxes on the real photos, and PNG
 
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
 import pytest
@@ -102,3 +104,31 @@ def test_real_photos_get_the_same_answer_from_the_reduced_decode(tmp_path, predi
         # The box in the file's pixels: within a couple of reduced pixels and 3% of the digit's size.
         tolerance = 2 * enlarge + 0.03 * max(w.box[2:])
         assert max(abs(a - b) for a, b in zip(r.box, w.box)) <= tolerance, (name, r.box, w.box)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_reduced_decode_is_upright_too(orientation):
+    """A large phone photo stored turned, with its EXIF orientation: decoded at 1/2 scale, it is the upright
+    photo decoded at 1/2 scale (the orientation is applied after the reduced decode, by the same rule)."""
+    Image = pytest.importorskip("PIL.Image")
+    from test_orientation import STORED
+
+    upright = np.full((1000, 1600), 230, np.uint8)
+    upright[100:700, 100:260] = 20  # an L at the top left: no symmetry
+    upright[560:700, 100:700] = 20
+
+    def stored(o: int) -> bytes:
+        im = Image.fromarray(upright)
+        if STORED[o]:
+            im = im.transpose(getattr(Image.Transpose, STORED[o]))
+        exif = Image.Exif()
+        exif[0x0112] = o
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+        return buf.getvalue()
+
+    turned, factor = decode_for(stored(orientation))
+    reference, _ = decode_for(stored(1))
+    assert factor == 2 and turned.shape == reference.shape == (500, 800)
+    assert np.abs(turned.astype(int) - reference).mean() < 1.0
+    assert turned[200, 80] < 60 and turned[320, 300] < 60 and turned[100, 600] > 200
