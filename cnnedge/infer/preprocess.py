@@ -334,6 +334,10 @@ def _rules(ink: np.ndarray, horizontal: bool, threshold: float) -> np.ndarray | 
     n = max(5, length // 12)  # short enough to fit along a slightly tilted thin line
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (n, 1) if horizontal else (1, n))
     opened = cv2.morphologyEx(ink, cv2.MORPH_OPEN, kernel)
+    # A rule's columns (rows) are all inked, being connected: without 70% of them inked there is none (most
+    # pages), and the components below need not be labelled.
+    if np.count_nonzero((opened > threshold).any(axis=0 if horizontal else 1)) < 0.7 * length:
+        return None
     # The wide strokes of a large digit survive that opening too and would join the rules into one blob:
     # keep only what is no thicker across than a rule can be (the `thin` bound below).
     # (Subtracted only where it clearly stands out, so that a rule crossing a stroke stays whole, and a
