@@ -227,6 +227,12 @@ def _ink_extent(img: np.ndarray, thr: float) -> tuple[int, int, int, int] | None
 # ---------------------------------------------------------------------------------------- digits
 
 
+def _histogram(image: np.ndarray) -> np.ndarray:
+    """The count of each level of a uint8 image: cv2.calcHist, 5x faster than np.bincount and, unlike it,
+    free of the GIL (predict preprocesses on several threads)."""
+    return cv2.calcHist([image], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+
+
 def _quantile(hist: np.ndarray, q: float) -> int:
     """The bin at quantile q of a histogram (statistics on uint8 images without sorting them)."""
     cdf = np.cumsum(hist)
@@ -254,7 +260,7 @@ def _flat_background(gray: np.ndarray) -> tuple[bool, bool | None]:
     (None when that level is not dominant enough to tell)."""
     H, W = gray.shape
     step = max(1, max(H, W) // 256)
-    hist = np.bincount(gray[::step, ::step].ravel(), minlength=256)
+    hist = _histogram(gray[::step, ::step])
     mode = int(hist.argmax())
     at_mode = hist[max(0, mode - 2): mode + 3].sum()
     if hist[max(0, mode - 25): mode + 26].sum() < 0.5 * hist.sum():
@@ -316,7 +322,7 @@ def _normalised_ink(g: np.ndarray, k: int, shade: np.ndarray | None = None) -> n
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (k, k))
     bg = cv2.morphologyEx(g, cv2.MORPH_CLOSE, kernel)
     bg = cv2.max(bg if shade is None else cv2.min(bg, shade), g)
-    floor = max(1, _quantile(np.bincount(bg[::3, ::3].ravel(), minlength=256), 0.95) // 2)
+    floor = max(1, _quantile(_histogram(bg[::3, ::3]), 0.95) // 2)
     return cv2.divide(cv2.subtract(bg, g), cv2.max(bg, floor), scale=255)
 
 
@@ -380,7 +386,7 @@ def _remove_ruling(ink: np.ndarray) -> np.ndarray:
     """Subtract the lines of ruled or squared paper from the uint8 ink: three or more thin straight lines
     that cross nearly the whole image in the same direction (a digit's own straight strokes never make
     three). Only what is no darker than a typical rule is removed, so a pen stroke on a rule survives."""
-    level = _quantile(np.bincount(ink[::2, ::2].ravel(), minlength=256), 0.995)
+    level = _quantile(_histogram(ink[::2, ::2]), 0.995)
     if level < 20:
         return ink
     # Look at half resolution first (4x cheaper); most images have no rules at all.
@@ -413,7 +419,7 @@ def _stroke_width(mask: np.ndarray) -> float:
 def _segment(ink: np.ndarray):
     """Hysteresis threshold on the uint8 ink, set from the image's own noise (median absolute deviation)
     and ink contrast -> (labels, stats, kept component ids)."""
-    hist = np.bincount(ink[::2, ::2].ravel(), minlength=256)
+    hist = _histogram(ink[::2, ::2])
     med = _quantile(hist, 0.5)
     sigma = 1.4826 * _quantile(np.bincount(np.abs(np.arange(256) - med), weights=hist, minlength=256), 0.5) + 0.5
     above = hist.copy()
