@@ -78,6 +78,8 @@ def decode_grey(data: bytes | np.ndarray, long_side: int) -> tuple[np.ndarray, i
     size = _jpeg_size(buf)
     if size is None:
         return _decode(buf, cv2.IMREAD_UNCHANGED), 1
+    if size[0] * size[1] > MAX_PIXELS or max(size) > 1 << 20:  # OpenCV would only check the reduced size
+        raise ImageTooLarge(_TOO_LARGE)
     factor, flags = next((f, flags) for f, flags in _REDUCED if f == 1 or max(size) >= f * long_side)
     # The orientation is applied here, as for any file (IMREAD_IGNORE_ORIENTATION: one rule, `oriented`).
     return _decode(buf, flags | cv2.IMREAD_IGNORE_ORIENTATION), factor
@@ -108,6 +110,10 @@ def _jpeg_size(buf: np.ndarray) -> tuple[int, int] | None:
     return None
 
 
+_TOO_LARGE = (f"over the size limit of {MAX_PIXELS:,} pixels and {1 << 20:,} on a side "
+              "(refused from its header, without decoding it)")
+
+
 def _decode(buf: np.ndarray, flags: int) -> np.ndarray:
     if buf.size == 0:
         raise ImageError("empty file")
@@ -118,8 +124,7 @@ def _decode(buf: np.ndarray, flags: int) -> np.ndarray:
         image, kinds, blobs = cv2.imdecodeWithMetadata(buf, flags=flags)
     except cv2.error as e:
         if "validateInputImageSize" in str(e):  # OpenCV's limit (cnnedge/__init__.py): nothing was decoded
-            raise ImageTooLarge(f"over the size limit of {MAX_PIXELS:,} pixels and {1 << 20:,} on a side "
-                             "(refused from its header, without decoding it)") from None
+            raise ImageTooLarge(_TOO_LARGE) from None
         raise ImageError(f"not a decodable image ({str(e).strip().splitlines()[-1][:80]})") from None
     if image is None:
         raise ImageError("not a decodable image")
