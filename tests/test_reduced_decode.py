@@ -30,26 +30,37 @@ def jpeg(image: np.ndarray, quality: int = 95) -> bytes:
     return data.tobytes()
 
 
-@pytest.mark.parametrize("long_side,factor", [(2 * WORK_MAX - 1, 1), (2 * WORK_MAX, 1), (4 * WORK_MAX, 2),
+@pytest.mark.parametrize("long_side,factor", [(2 * WORK_MAX - 1, 1), (4 * WORK_MAX - 1, 1), (4 * WORK_MAX, 2),
                                               (8 * WORK_MAX, 4), (16 * WORK_MAX, 8), (40 * WORK_MAX, 8)])
 def test_a_jpeg_is_shrunk_only_as_far_as_twice_the_work_size(long_side, factor):
     """The remaining shrink to WORK_MAX still pools the ink (thin strokes survive), so at least 2x is kept."""
     gradient = np.tile(np.linspace(0, 255, long_side).astype(np.uint8), (100, 1))
     image, got = decode_for(jpeg(cv2.merge([gradient, gradient, 255 - gradient])), "digit")
     assert got == factor
-    assert image.dtype == np.uint8 and image.ndim == 2  # grey: the digit pipeline's own first step
-    assert image.shape == (-(-100 // factor), -(-long_side // factor))
+    assert image.dtype == np.uint8 and image.ndim == (3 if factor == 1 else 2)  # reduced: grey, the pipeline's first step
+    assert image.shape[:2] == (-(-100 // factor), -(-long_side // factor))
 
 
 @pytest.mark.parametrize("path", sorted(SAMPLES.rglob("*.jpg")), ids=lambda p: p.name)
-def test_grey_decode_is_the_grey_of_the_colour_decode(path):
+def test_a_jpeg_under_twice_the_work_size_is_decoded_as_is(path):
+    """The pixels a camera frame of it gives, colour and all (libjpeg's own grey differs where a saturated
+    colour's RGB is clipped): predict and webcam see the same network input."""
     data = path.read_bytes()
-    grey, factor = decode_for(data, "digit")
-    colour = F.decode_image(data)  # grey JPEGs (1 component) among them: as they are
-    assert factor == 1 and grey.shape == colour.shape[:2]
-    error = np.abs(grey.astype(int) - (cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY) if colour.ndim == 3 else colour))
-    # Equal but where a saturated colour's RGB was clipped (0.3% of 15_light_on_dark's pixels, by up to 12).
-    assert np.mean(error > 1) <= 0.005 and error.mean() <= 0.05
+    image, factor = decode_for(data, "digit")
+    assert factor == 1
+    np.testing.assert_array_equal(image, F.decode_image(data))
+
+
+def test_a_reduced_decode_is_the_grey_of_the_full_one_shrunk():
+    """libjpeg's 1/2-scale grey is the full decode's grey averaged over 2x2 blocks, within JPEG's noise."""
+    rng = np.random.default_rng(0)
+    big = cv2.resize(cv2.GaussianBlur(rng.integers(0, 256, (90, 120, 3), np.uint8), (0, 0), 2), (1600, 1200))
+    data = jpeg(big)
+    reduced, factor = decode_for(data)
+    full = cv2.cvtColor(F.decode_image(data), cv2.COLOR_BGR2GRAY)
+    assert factor == 2 and reduced.shape == (600, 800)
+    shrunk = cv2.resize(full, (800, 600), interpolation=cv2.INTER_AREA)
+    assert np.abs(reduced.astype(int) - shrunk).mean() < 1.0
 
 
 def test_other_files_and_the_fit_mode_decode_as_is(tmp_path):

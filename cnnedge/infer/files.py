@@ -64,23 +64,22 @@ def _buffer(data: bytes | np.ndarray) -> np.ndarray:
 
 
 # libjpeg's DCT-domain scalings (a 1/8 scale decodes 8x8 blocks to one pixel), the largest first.
-_REDUCED = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
-            (2, cv2.IMREAD_REDUCED_GRAYSCALE_2), (1, cv2.IMREAD_GRAYSCALE))
+_REDUCED = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4), (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
 
 
 def decode_grey(data: bytes | np.ndarray, long_side: int) -> tuple[np.ndarray, int]:
     """Like `decode_image`, for a caller that only needs grey at least `long_side` pixels on the long side
-    (the digit preprocessing): an 8-bit grey or colour JPEG is decoded by libjpeg straight to grey (its luma
-    is the BT.601 grey cvtColor would compute, without decoding the colour planes: 4-5x faster) at the
-    smallest of 1/8, 1/4, 1/2 scale that keeps `long_side`. Returns (image, factor): the image's pixels
-    are `factor` of the file's (1 for any other file, decoded as `decode_image` does)."""
+    (the digit preprocessing): an 8-bit grey or colour JPEG of more than twice that is decoded by libjpeg in
+    the DCT domain at the smallest of 1/8, 1/4, 1/2 scale that keeps `long_side`, straight to grey (its
+    luma, without decoding the colour planes). Returns (image, factor): the image's pixels are `factor` of
+    the file's (1 for any other file, decoded by `decode_image`: the very pixels a camera frame of it gives)."""
     buf = _buffer(data)
     size = _jpeg_size(buf)
-    if size is None:
+    if size is None or max(size) < 2 * long_side:
         return _decode(buf, cv2.IMREAD_UNCHANGED), 1
     if size[0] * size[1] > MAX_PIXELS or max(size) > 1 << 20:  # OpenCV would only check the reduced size
         raise ImageTooLarge(_TOO_LARGE)
-    factor, flags = next((f, flags) for f, flags in _REDUCED if f == 1 or max(size) >= f * long_side)
+    factor, flags = next((f, flags) for f, flags in _REDUCED if max(size) >= f * long_side)
     # The orientation is applied here, as for any file (IMREAD_IGNORE_ORIENTATION: one rule, `oriented`).
     return _decode(buf, flags | cv2.IMREAD_IGNORE_ORIENTATION), factor
 

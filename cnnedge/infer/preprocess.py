@@ -809,10 +809,10 @@ def analyse(image: np.ndarray, mode: str = "digit", size: int = 28,
 def decode_for(data: bytes | np.ndarray, mode: str = "digit") -> tuple[np.ndarray, int]:
     """An image file's contents decoded for `analyse` in `mode`, and the factor by which its pixels were
     shrunk (boxes found in it are that many times smaller than the file's). The digit pipeline works on grey,
-    so a JPEG is decoded straight to grey, and a large one in the DCT domain at 1/2, 1/4 or 1/8 scale
+    so a large JPEG is decoded in the DCT domain at 1/2, 1/4 or 1/8 scale straight to grey
     (cnnedge.infer.files.decode_grey), keeping twice the working size: the shrink to WORK_MAX that remains
     still pools the ink (see `_locate`), which a DCT-domain shrink, an average, does not do for thin strokes.
-    PNG and the rest, and the "fit" mode: as decode_image."""
+    Smaller JPEGs, PNG and the rest, and the "fit" mode: as decode_image."""
     return decode_grey(data, 2 * WORK_MAX) if mode == "digit" else (decode_image(data), 1)
 
 
