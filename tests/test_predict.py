@@ -191,10 +191,7 @@ def test_predictor_api_on_paths_and_arrays(predictor):
     by_array = predictor.predict(arrays)
     assert [p.label for p in by_path] == [p.label for p in by_array] == [p.truth for p in by_path]
     for a, b in zip(by_path, by_array):
-        # Files are decoded for the digit pipeline (JPEGs straight to grey: libjpeg's luma, which differs from
-        # cvtColor's grey where a saturated colour was clipped): the same label, nearly the same confidence.
-        jpeg = a.path.endswith(".jpg")
-        assert b.path is None and a.confidence == pytest.approx(b.confidence, abs=0.01 if jpeg else 1e-6)
+        assert b.path is None and a.confidence == pytest.approx(b.confidence, abs=1e-6)
     one = predictor.predict(paths[0])  # a single path works too
     assert len(one) == 1 and one[0].label == by_path[0].label
     grey = cv2.cvtColor(render_digit(4, "paper", np.random.default_rng(9)), cv2.COLOR_BGR2GRAY)
