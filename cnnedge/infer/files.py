@@ -32,6 +32,11 @@ MAX_PIXELS = 80_000_000  # larger images are refused from their header, before d
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode a file as is (8/16-bit, grey, BGR or BGRA), upright (see `decode_image`). Any file name works
     (no cv2.imread)."""
+    return decode_image(read_bytes(path))
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """An image file's contents, or ImageError saying why there are none (a folder, a FIFO, too large)."""
     try:
         st = os.stat(path)
         if stat.S_ISDIR(st.st_mode):
@@ -41,29 +46,84 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         if st.st_size > MAX_FILE_BYTES:
             raise ImageTooLarge(f"{st.st_size:,} bytes is over the {MAX_FILE_BYTES:,}-byte file limit")
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:
         if isinstance(e, FileNotFoundError) and os.path.islink(path):
             raise ImageError("broken symbolic link (its target does not exist)") from None
         raise ImageError(e.strerror or str(e)) from None
-    return decode_image(data)
 
 
 def decode_image(data: bytes | np.ndarray) -> np.ndarray:
     """Decode encoded image bytes as is (8/16-bit, grey, BGR or BGRA), upright: the EXIF orientation of a
     JPEG, WebP or PNG (eXIf) is applied as image viewers do (OpenCV's TIFF decoder applies TIFF's own)."""
-    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    return _decode(_buffer(data), cv2.IMREAD_UNCHANGED)
+
+
+def _buffer(data: bytes | np.ndarray) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+# libjpeg's DCT-domain scalings (a 1/8 scale decodes 8x8 blocks to one pixel), the largest first.
+_REDUCED = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4), (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
+
+
+def decode_grey(data: bytes | np.ndarray, long_side: int) -> tuple[np.ndarray, int]:
+    """Like `decode_image`, for a caller that only needs grey at least `long_side` pixels on the long side
+    (the digit preprocessing): an 8-bit grey or colour JPEG of more than twice that is decoded by libjpeg in
+    the DCT domain at the smallest of 1/8, 1/4, 1/2 scale that keeps `long_side`, straight to grey (its
+    luma, without decoding the colour planes). Returns (image, factor): the image's pixels are `factor` of
+    the file's (1 for any other file, decoded by `decode_image`: the very pixels a camera frame of it gives)."""
+    buf = _buffer(data)
+    size = _jpeg_size(buf)
+    if size is None or max(size) < 2 * long_side:
+        return _decode(buf, cv2.IMREAD_UNCHANGED), 1
+    if size[0] * size[1] > MAX_PIXELS or max(size) > 1 << 20:  # OpenCV would only check the reduced size
+        raise ImageTooLarge(_TOO_LARGE)
+    factor, flags = next((f, flags) for f, flags in _REDUCED if max(size) >= f * long_side)
+    # The orientation is applied here, as for any file (IMREAD_IGNORE_ORIENTATION: one rule, `oriented`).
+    return _decode(buf, flags | cv2.IMREAD_IGNORE_ORIENTATION), factor
+
+
+def _jpeg_size(buf: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) of a baseline, extended or progressive JPEG of 8-bit grey or YCbCr (1 or 3
+    components), read from its frame header; None for anything else (12-bit, lossless, CMYK, not a JPEG),
+    which is decoded as is."""
+    data = memoryview(np.ascontiguousarray(buf))  # the headers are read in place, the file is not copied
+    if bytes(data[:2]) != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = struct.unpack_from(">H", data, i + 2)[0]
+        if marker in (0xC0, 0xC1, 0xC2):  # SOF0-2: the frame header
+            precision, height, width, components = struct.unpack_from(">BHHB", data, i + 4)
+            return (width, height) if precision == 8 and components in (1, 3) and width and height else None
+        if 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:
+            return None  # another kind of frame (lossless, arithmetic-coded...), or the data before any frame
+        i += 2 + length
+    return None
+
+
+_TOO_LARGE = (f"over the size limit of {MAX_PIXELS:,} pixels and {1 << 20:,} on a side "
+              "(refused from its header, without decoding it)")
+
+
+def _decode(buf: np.ndarray, flags: int) -> np.ndarray:
     if buf.size == 0:
         raise ImageError("empty file")
     try:
         # IMREAD_UNCHANGED keeps 16-bit depth and alpha but is the one mode in which OpenCV does not apply the
-        # EXIF orientation, so it is read from the metadata decoded alongside (keyword: the positional order
-        # differs between OpenCV 4 and 5).
-        image, kinds, blobs = cv2.imdecodeWithMetadata(buf, flags=cv2.IMREAD_UNCHANGED)
+        # EXIF orientation, so it is read from the metadata decoded alongside, in every mode (keyword: the
+        # positional order differs between OpenCV 4 and 5).
+        image, kinds, blobs = cv2.imdecodeWithMetadata(buf, flags=flags)
     except cv2.error as e:
         if "validateInputImageSize" in str(e):  # OpenCV's limit (cnnedge/__init__.py): nothing was decoded
-            raise ImageTooLarge(f"over the size limit of {MAX_PIXELS:,} pixels and {1 << 20:,} on a side "
-                             "(refused from its header, without decoding it)") from None
+            raise ImageTooLarge(_TOO_LARGE) from None
         raise ImageError(f"not a decodable image ({str(e).strip().splitlines()[-1][:80]})") from None
     if image is None:
         raise ImageError("not a decodable image")

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from cnnedge.errors import CnnedgeError, ImageError
-from cnnedge.infer.files import read_image, shown_path
+from cnnedge.infer.files import read_bytes, shown_path
 from cnnedge.infer.grid import pixel_view, write_png
 from cnnedge.infer.predictor import Predictor
+from cnnedge.infer.preprocess import decode_for
 
 
 def run(image: str, out: str | None = None, model: str | None = None, cell: int = 34) -> tuple[Path, str]:
@@ -20,7 +21,7 @@ def run(image: str, out: str | None = None, model: str | None = None, cell: int 
         raise CnnedgeError(f"--out {target}: give a .png file to write")
     with Predictor(model, "cpu", workers=1) as predictor:
         try:
-            prepared = predictor.preprocess(read_image(image))
+            prepared = predictor.preprocess(decode_for(read_bytes(image), predictor.info.preprocess)[0])  # as predict decodes it
         except ImageError as e:
             raise CnnedgeError(f"{image}: {e}") from None
         x = np.repeat(prepared.input[None, None], predictor.channels, axis=1)

@@ -28,10 +28,10 @@ import numpy as np
 
 from cnnedge.atomic import prepare_folder, sync_folder, write_unsynced
 from cnnedge.errors import CnnedgeError, ImageError
-from cnnedge.infer.files import decode_image, read_image, scan_folder, shown_path
+from cnnedge.infer.files import read_bytes, scan_folder, shown_path
 from cnnedge.infer.gallery import Gallery
 from cnnedge.infer.modelinfo import EMBEDDING_NAME, LOGITS_NAME, default_model
-from cnnedge.infer.preprocess import analyse_batch
+from cnnedge.infer.preprocess import analyse_batch, decode_for
 from cnnedge.infer.backend import softmax, topk as top_k
 from cnnedge.infer.runtime import open_runtime
 
@@ -158,13 +158,15 @@ class Predictor:
         """Decode and preprocess a chunk of paths, encoded files (bytes) or arrays -> [(input or None,
         ImageError or None, box)]."""
         images: list = []
+        factors = [1] * len(chunk)  # files decoded shrunk (see decode_for): their boxes are scaled back
         errors: dict[int, ImageError] = {}
         for i, item in enumerate(chunk):
             if isinstance(item, np.ndarray):
                 images.append(item)
                 continue
             try:
-                images.append(decode_image(item) if isinstance(item, ENCODED) else read_image(item))
+                image, factors[i] = decode_for(item if isinstance(item, ENCODED) else read_bytes(item), self.info.preprocess)
+                images.append(image)
             except ImageError as e:
                 images.append(None)
                 errors[i] = _bare(e)
@@ -175,7 +177,8 @@ class Predictor:
             elif isinstance(prepared, ImageError):
                 out.append((None, _bare(prepared), None))
             else:
-                out.append((prepared.input, None, prepared.box))
+                box = prepared.box if prepared.box is None else tuple(factors[i] * v for v in prepared.box)
+                out.append((prepared.input, None, box))
         return out
 
     def _truth(self, path: str | None) -> str | None:

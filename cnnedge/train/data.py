@@ -91,9 +91,9 @@ def load_torchvision(name: str, root: Path, download: bool) -> Data:
 def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
     """ImageFolder tree (one folder per class). With train/ and test/ subfolders, both are used."""
     from cnnedge.errors import ImageError
-    from cnnedge.infer.files import printable, quiet_native_stderr, read_image, scan_folder
+    from cnnedge.infer.files import printable, quiet_native_stderr, read_bytes, scan_folder
     from cnnedge.infer.modelinfo import MAX_CLASSES
-    from cnnedge.infer.preprocess import analyse_batch
+    from cnnedge.infer.preprocess import analyse_batch, decode_for
     from cnnedge.report import warn
 
     try:
@@ -135,7 +135,7 @@ def load_imagefolder(path: Path, size: int = 28, mode: str = "digit") -> Data:
         with quiet_native_stderr():  # bad files get our one line each, not the decoders' own complaints
             for file, label in samples:
                 try:
-                    prepared = analyse_batch([read_image(file)], mode, size)[0]  # exactly what predict feeds
+                    prepared = analyse_batch([decode_for(read_bytes(file), mode)[0]], mode, size)[0]  # what predict feeds
                     if isinstance(prepared, ImageError):
                         raise prepared
                     images.append(torch.from_numpy(prepared.input))
