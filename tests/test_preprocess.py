@@ -267,3 +267,18 @@ def test_a_tilted_page_on_a_dark_table_is_not_the_symbol():
         x, y, w, h = r.box
         assert max(w / img.shape[1], h / img.shape[0]) <= 0.6, (digit, r.box, img.shape)
         check_mnist_geometry(r.input)
+
+
+def test_trace_shows_every_step_and_changes_nothing():
+    """docs/preprocessing.md's pictures come from `analyse(..., trace=)`: the stages are there, in order,
+    and tracing leaves the answer as it is."""
+    from conftest import ROOT
+
+    image = F.read_image(str(ROOT / "samples" / "5" / "20_notebook.jpg"))
+    trace: dict = {}
+    traced = P.analyse(image, trace=trace)
+    plain = P.analyse(image)
+    assert np.array_equal(traced.input, plain.input) and traced.box == plain.box
+    assert [k.split()[0] for k in trace] == ["3", "4", "5", "6", "7", "8", "9"]
+    assert "dark ink" in list(trace)[1]
+    assert all(v.ndim == 2 and v.size for v in trace.values())

@@ -9,33 +9,10 @@ Modes (stored in the ONNX metadata as `preprocess`):
   keeping its aspect ratio, anti-aliased, placed in 28x28 so that its centre of mass is at the centre.
 - "fit": the object fills the frame (Fashion-MNIST): white-on-black, the box fitted into the whole frame.
 
-The digit pipeline (`prepare`, or `analyse` for the box and the details), on uint8 grey:
-
-1. Decode anything (8/16-bit, grey/BGR/BGRA); transparent pixels are flattened onto white paper (onto
-   black when the visible ink is light); the contrast is stretched (a 12-bit sensor in a 16-bit file).
-2. An input that already is MNIST's format passes through as is: size x size, either polarity, the ink's box
-   fitted into 20x20, the centre of mass at the centre, MNIST-like strokes (see `mnist_like`). Any other
-   small image (an app's 28x28 canvas export) is normalised like a photo.
-3. Work at <= 352 px (ink-preserving min/max pooling when shrinking, so 1 px pen lines survive).
-4. Polarity: a flat digital background decides directly; a sheet of paper photographed on a darker table
-   (see `_sheet`) means dark ink; other photos are decided by the strongest deviations from local medians
-   at three scales, with a prior for dark ink (light ink must win clearly, with a dark surround).
-5. Illumination: the background is a morphological closing wider than the strokes, capped by a wider
-   median where a shadow's edge crosses the page; the ink is the relative darkness under it (a division,
-   floored so the dark table beyond a page does not amplify its noise). This removes gradients,
-   vignetting and shadows. Fat strokes widen the window until they fill.
-6. The rules of ruled or squared paper are removed (three or more thin lines across the image, and
-   their pieces where a large digit's strokes cut them).
-7. Hysteresis threshold set from the image's own noise (MAD) and ink contrast.
-8. Connected components: specks (compact blobs), page edges (structures running along the border in a
-   band, the table beyond the sheet) and what lies beyond a photographed sheet are ignored unless nothing
-   else is there (a digit cut tight touches the border too); the digit's parts (a 5's bar, a broken
-   stroke) are merged by proximity.
-9. Stroke width normalisation: the stroke width is measured (area / half perimeter), the shape is
-   rebuilt at 4x the output scale and thickened or thinned with distance transforms to MNIST's width
-   (~11% of the box), so a 1 px line on a 1000 px canvas and a fat marker both look like MNIST pens.
-10. Fit the box into 20x20 (INTER_AREA: grey-level anti-aliasing like MNIST) and shift the centre of mass
-   to the centre of the 28x28 field.
+The digit pipeline (`prepare`, or `analyse` for the box and the details) runs ten steps on uint8 grey:
+decode, the MNIST-like shortcut, work size, polarity, illumination, rules, threshold, components, stroke
+width, fit and centre. docs/preprocessing.md describes each step, with pictures traced from `analyse`
+(`trace=`); the functions below say why they work as they do.
 """
 
 from __future__ import annotations
@@ -579,7 +556,7 @@ def _select(labels: np.ndarray, stats: np.ndarray, keep: list[int], shape: tuple
     return sorted(chosen), sw
 
 
-def _render(mask: np.ndarray, sw: float, size: int) -> np.ndarray:
+def _render(mask: np.ndarray, sw: float, size: int, trace: dict | None = None) -> np.ndarray:
     """Binary symbol mask (cropped to its box) with stroke width `sw` -> MNIST-style size x size field."""
     box = _fit_box(size)
     big = box * SUPERSAMPLE
@@ -606,6 +583,8 @@ def _render(mask: np.ndarray, sw: float, size: int) -> np.ndarray:
         soft = np.clip(dist - shrink, 0, 1)
     else:
         soft = m.astype(np.float32)
+    if trace is not None:
+        trace["9 stroke width"] = soft
     rect = _ink_extent(soft, 0.05)
     if rect is None:
         raise ImageError("no symbol found")
@@ -620,7 +599,8 @@ def _render(mask: np.ndarray, sw: float, size: int) -> np.ndarray:
     return _place_by_mass(patch, size)
 
 
-def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat: bool, sheet: np.ndarray | None = None):
+def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat: bool, sheet: np.ndarray | None = None,
+            trace: dict | None = None):
     """Find the symbol in a uint8 image assuming the given polarity, on the `sheet` of paper when one was
     found (see `_sheet`). Returns (mask cropped to the symbol's box, stroke width, box (x0, y0, x1, y1) in
     working pixels)."""
@@ -650,6 +630,10 @@ def _locate(gray: np.ndarray, work: np.ndarray, scale: float, light: bool, flat:
             break  # the wider window saw the lighting as ink: keep what the narrower one found
         chosen, sw = _select(labels, stats, keep, (wh, ww), sheet)
         found = labels, stats, chosen
+        if trace is not None:  # the last window's stages (docs/figures.py draws them)
+            trace.update({f"4 polarity: {'light' if light else 'dark'} ink": work, "5 illumination": _normalised_ink(g, k, shade),
+                          "6 rules removed": ink, "7 threshold": (labels > 0).astype(np.float32),
+                          "8 components": np.where(np.isin(labels, chosen), 1.0, 0.35 * (labels > 0))})
         if 4 * sw <= k or k >= widest:
             break
         # Strokes too fat for the background window (only their edges were found, a crossing of fat
@@ -719,7 +703,7 @@ def _gray_u8(image: np.ndarray) -> np.ndarray:
     return cv2.convertScaleAbs(g, alpha=255.0 / peak if peak > 0 else 255.0)
 
 
-def _digit(image: np.ndarray, size: int, ink: str = "auto") -> Prepared:
+def _digit(image: np.ndarray, size: int, ink: str = "auto", trace: dict | None = None) -> Prepared:
     H, W = image.shape[:2]
     if (H, W) == (size, size):
         ready = _passthrough(to_gray(image)[None])[0]
@@ -739,14 +723,16 @@ def _digit(image: np.ndarray, size: int, ink: str = "auto") -> Prepared:
         light = False
     elif light is None:
         light = _polarity(work)
-    crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat, None if light else sheet)
+    if trace is not None:
+        trace["3 work size"] = work
+    crop, sw, (x0, y0, x1, y1) = _locate(gray, work, scale, light, flat, None if light else sheet, trace)
     if crop.mean() > 0.85 and min(crop.shape) >= 8:
         # A solid block is no pen stroke: a darker patch of paper (a label, a pasted crop) with the symbol
         # inside. Look again within it; a fat marker bar finds nothing inside itself and stays as it is.
         inner = _inside_patch(work, light, (x0, y0, x1, y1))
         if inner is not None:
             crop, sw, (x0, y0, x1, y1) = inner
-    out = _render(crop, sw, size)
+    out = _render(crop, sw, size, trace)
     inv_scale = 1.0 / scale
     box = (int(x0 * inv_scale), int(y0 * inv_scale), int(math.ceil((x1 - x0) * inv_scale)),
            int(math.ceil((y1 - y0) * inv_scale)))
@@ -775,10 +761,11 @@ def _fit(gray: np.ndarray, size: int) -> Prepared:
 
 
 def analyse(image: np.ndarray, mode: str = "digit", size: int = 28,
-            roi: tuple[int, int, int, int] | None = None, ink: str = "auto") -> Prepared:
+            roi: tuple[int, int, int, int] | None = None, ink: str = "auto", trace: dict | None = None) -> Prepared:
     """Find the symbol in a decoded image (grey, BGR or BGRA; 8/16-bit or float), optionally only inside
     `roi` = (x, y, w, h), and return the network input with the symbol's box in image coordinates.
-    `ink` is "auto" (detect the polarity), "dark" (ink darker than the paper) or "light".
+    `ink` is "auto" (detect the polarity), "dark" (ink darker than the paper) or "light". A `trace` dict
+    receives the digit pipeline's intermediate images by step (docs/preprocessing.md shows them).
 
     Raises ImageError when there is nothing to classify (blank image, empty ROI)."""
     if mode not in PREPROCESS_MODES:
@@ -799,7 +786,7 @@ def analyse(image: np.ndarray, mode: str = "digit", size: int = 28,
     if min(img.shape[:2]) < MIN_SIDE:
         raise ImageError(f"{img.shape[1]}x{img.shape[0]} pixels is too small to hold a symbol "
                          f"(at least {MIN_SIDE}x{MIN_SIDE})")
-    result = _digit(img, size, ink) if mode == "digit" else _fit(to_gray(img), size)
+    result = _digit(img, size, ink, trace) if mode == "digit" else _fit(to_gray(img), size)
     if result.box is not None and (ox or oy):
         bx, by, bw, bh = result.box
         result.box = (bx + ox, by + oy, bw, bh)
