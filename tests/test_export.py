@@ -151,6 +151,16 @@ def test_a_network_that_disagrees_with_its_table_fails_with_exit_3_and_writes_no
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
+def failed_export_errors(tmp_path, monkeypatch, capsys) -> list[str]:
+    """Export a fresh edgenet checkpoint without data: it must exit 3 and write nothing; its error lines."""
+    monkeypatch.setenv("CNNEDGE_DATA", str(tmp_path / "no-data"))
+    ckpt = make_checkpoint(tmp_path / "edgenet.pt", "edgenet")
+    out_dir = tmp_path / "export"
+    assert export_cli(monkeypatch, ckpt, "--out", out_dir / "cnn.onnx") == 3
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("warning:")]
+
+
 def test_parity_failure_exits_3_and_writes_nothing(tmp_path, monkeypatch, capsys):
     """The parity figures are real: a graph whose weights drift by 1e-3 from the network fails."""
     export_graph = ex.export_graph
@@ -162,13 +172,8 @@ def test_parity_failure_exits_3_and_writes_nothing(tmp_path, monkeypatch, capsys
         return graph
 
     monkeypatch.setattr(ex, "export_graph", drifted)
-    monkeypatch.setenv("CNNEDGE_DATA", str(tmp_path / "no-data"))
-    ckpt = make_checkpoint(tmp_path / "edgenet.pt", "edgenet")
-    out_dir = tmp_path / "export"
-    assert export_cli(monkeypatch, ckpt, "--out", out_dir / "cnn.onnx") == 3
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("warning:")]
+    err = failed_export_errors(tmp_path, monkeypatch, capsys)
     assert len(err) == 1 and "parity failed" in err[0] and "1.00e-03" in err[0]
-    assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
 def test_opencv_parity_failure_exits_3_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -180,13 +185,8 @@ def test_opencv_parity_failure_exits_3_and_writes_nothing(tmp_path, monkeypatch,
         return logits + 1e-3, embedding
 
     monkeypatch.setattr(ex, "run_opencv", drifted)
-    monkeypatch.setenv("CNNEDGE_DATA", str(tmp_path / "no-data"))
-    ckpt = make_checkpoint(tmp_path / "edgenet.pt", "edgenet")
-    out_dir = tmp_path / "export"
-    assert export_cli(monkeypatch, ckpt, "--out", out_dir / "cnn.onnx") == 3
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("warning:")]
+    err = failed_export_errors(tmp_path, monkeypatch, capsys)
     assert len(err) == 1 and "OpenCV DNN" in err[0] and "parity failed" in err[0] and "1.00e-03" in err[0], err
-    assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
 def test_a_non_checkpoint_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

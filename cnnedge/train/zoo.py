@@ -231,6 +231,9 @@ def build_lenet_dropout2(num_classes: int = 10) -> nn.Sequential:
     return _seq(*layers[:at], ("fc1_drop", nn.Dropout(0.5)), *layers[at:])
 
 
+# Seed 003's training loop, for both of its networks.
+SEED003_RECIPE = dict(optimizer="sgd", lr=0.01, momentum=0.5, batch_size=640, epochs=5, loss="cross-entropy")
+
 LENET_DROPOUT2_TABLE = (
     *LENET_DROPOUT_TABLE[:-1],
     Layer("fc1_drop", (50,), 0, note="Dropout(0.5): the second dropout layer"),
@@ -318,7 +321,7 @@ ARCHS: dict[str, Arch] = {
             LENET_DROPOUT_TABLE,
             build_lenet_dropout,
             embedding="relu3",
-            recipe=dict(optimizer="sgd", lr=0.01, momentum=0.5, batch_size=640, epochs=5, loss="cross-entropy"),
+            recipe=SEED003_RECIPE,
         ),
         Arch(
             "lenet_dropout2",
@@ -327,7 +330,7 @@ ARCHS: dict[str, Arch] = {
             LENET_DROPOUT2_TABLE,
             build_lenet_dropout2,
             embedding="relu3",
-            recipe=dict(optimizer="sgd", lr=0.01, momentum=0.5, batch_size=640, epochs=5, loss="cross-entropy"),
+            recipe=SEED003_RECIPE,
         ),
         Arch(
             "keras_mnist_cnn",
